@@ -1,0 +1,271 @@
+"""`session-pipeline`: a thin shell over the library (sqlite-utils style).
+
+Every failure a user can cause (a wrong argument, an unknown processor, an unreadable data
+dir, a file that is not a DuckDB database) ends in one line on stderr and a non-zero exit,
+never a traceback, and never a write to the state database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, NoReturn
+
+from processors import registry
+from state import config, store
+from state.config import ConfigError
+from state.db import StateError, connect
+from state.migrations import migrate
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _paths(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        help=f"session transcripts: <data-dir>/<user>/<session>.jsonl "
+        f"(env SESSION_DATA_DIR, default {config.DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--db", help=f"DuckDB state file (env SESSION_PIPELINE_DB, default {config.DEFAULT_DB})"
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="session-pipeline",
+        description="Turn Claude Code session transcripts into DuckDB tables.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", help="run a processor (or all) now and print its figures")
+    run.add_argument("processor", nargs="?", help="processor name (see `processors`)")
+    run.add_argument("--all", action="store_true", help="run every enabled processor")
+    run.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        help="failures before a session is quarantined "
+        "(env SESSION_PIPELINE_MAX_ATTEMPTS, default 5)",
+    )
+    run.add_argument(
+        "--time-budget",
+        type=_positive_int,
+        metavar="SECONDS",
+        help="stop starting new sessions after this long; the rest wait for the next run",
+    )
+    run.add_argument("--json", action="store_true", help="print the figures as JSON")
+    _paths(run)
+
+    status = commands.add_parser("status", help="per processor: known, processed, failed, …")
+    status.add_argument("--json", action="store_true", help="print as JSON")
+    _paths(status)
+
+    reprocess = commands.add_parser("reprocess", help="mark sessions to be read again next run")
+    reprocess.add_argument("processor")
+    reprocess.add_argument("--user", help="only this user's sessions")
+    reprocess.add_argument("--session", help="only this session key, e.g. alice/abc.jsonl")
+    reprocess.add_argument(
+        "--quarantined", action="store_true", help="only quarantined sessions (releases them)"
+    )
+    _paths(reprocess)
+
+    processors = commands.add_parser("processors", help="registered processors and their state")
+    processors.add_argument("--json", action="store_true", help="print as JSON")
+
+    migrate_cmd = commands.add_parser("migrate", help="create or upgrade the state database")
+    _paths(migrate_cmd)
+    return parser
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header], *[["" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S %Z").strip() if value else "never"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import check_data_dir
+    from flows.processor_flow import run
+
+    if args.all == bool(args.processor):
+        raise _UsageError("give a processor name or --all, not both or neither")
+    data_dir, db = config.data_dir(args.data_dir), config.db_path(args.db)
+    config.max_attempts(args.max_attempts)
+    check_data_dir(data_dir)
+    names = (
+        [e.name for e in registry.entries() if e.enabled]
+        if args.all
+        else [registry.get(args.processor).name]
+    )
+    with connect(db) as con:  # fails fast, before Prefect starts, on a bad --db
+        migrate(con)
+    results = []
+    for name in names:
+        results.append(
+            run(
+                name,
+                data_dir,
+                db,
+                max_attempts=args.max_attempts,
+                time_budget_seconds=args.time_budget,
+            )
+        )
+    if args.json:
+        print(json.dumps(results if args.all else results[0], indent=2))
+        return 0
+    header = ["processor", "scanned", "processed", "skipped", "errors", "quarantined", "items"]
+    rows = [[r[k if k != "items" else "items_extracted"] for k in header] for r in results]
+    print(_table(rows, header))
+    for r in results:
+        for detail in r["errors_detail"][:20]:
+            print(f"  {r['processor']}: {detail['session']}: {detail['error']}")
+    print(f"\nstate: {db}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    db = config.db_path(args.db)
+    names = [e.name for e in registry.entries()]
+    with connect(db) as con:
+        migrate(con)
+        rows = store.status(con, names)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], default=str, indent=2))
+        return 0
+    header = ["processor", "known", "processed", "failed", "quarantined", "last run"]
+    print(
+        _table(
+            [
+                [r.processor, r.known, r.processed, r.failed, r.quarantined, _when(r.last_run_at)]
+                for r in rows
+            ],
+            header,
+        )
+    )
+    return 0
+
+
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    names = {e.name for e in registry.entries()}
+    if args.processor not in names:
+        raise registry.UnknownProcessorError(
+            f"Unknown processor '{args.processor}'. Known: {', '.join(sorted(names)) or 'none'}"
+        )
+    with connect(config.db_path(args.db)) as con:
+        migrate(con)
+        count = store.release(
+            con,
+            args.processor,
+            user=args.user,
+            session=args.session,
+            quarantined_only=args.quarantined,
+        )
+    print(f"{count} session(s) of {args.processor} will be reprocessed on its next run")
+    return 0
+
+
+def cmd_processors(args: argparse.Namespace) -> int:
+    found = registry.entries()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": e.name,
+                        "version": e.processor.version if e.processor else None,
+                        "cadence_seconds": e.processor.cadence_seconds if e.processor else None,
+                        "enabled": e.enabled,
+                        "reason": e.problem,
+                    }
+                    for e in found
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    rows = [
+        [
+            e.name,
+            e.processor.version if e.processor else "",
+            f"{e.processor.cadence_seconds}s" if e.processor else "",
+            "enabled" if e.enabled else f"disabled: {e.problem}",
+        ]
+        for e in found
+    ]
+    print(_table(rows, ["processor", "version", "cadence", "state"]))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    db = config.db_path(args.db)
+    with connect(db) as con:
+        ran = migrate(con)
+    print(f"{db}: " + ("applied " + "; ".join(ran) if ran else "up to date"))
+    return 0
+
+
+class _UsageError(Exception):
+    pass
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "status": cmd_status,
+    "reprocess": cmd_reprocess,
+    "processors": cmd_processors,
+    "migrate": cmd_migrate,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from flows.processor_flow import RunRefused
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except _UsageError as error:
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (
+        ConfigError,
+        StateError,
+        registry.UnknownProcessorError,
+        RunRefused,
+    ) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

@@ -1,0 +1,182 @@
+"""One run of one processor, as plain functions: prepare (migrate, scan, plan), read in
+batches, commit each batch, record the figures.
+
+The Prefect flow in `flows.processor_flow` composes exactly these steps, mapping the batch
+reads across task runs; `run_direct` composes them in a loop without Prefect (benchmarks and
+fast tests use it, and it is the baseline the flow's overhead is measured against).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from processors.base import Processor
+from state import store
+from state.config import ConfigError
+from state.db import connect
+from state.migrations import migrate
+from state.plan import Candidate, Plan, plan
+from state.scan import scan
+from state.store import Outcome, RunFigures
+
+log = logging.getLogger("session_pipeline.pipeline")
+
+MAX_TASK_RUNS = 200  # Prefect task runs cost ~5 ms and ~45 KB each; the server drops >10k events
+MAX_BATCH = 500
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """A missing data dir is an empty one (all-zero figures); one that exists but cannot be
+    listed is a configuration error, not silently empty."""
+    if not data_dir.exists():
+        return
+    if not data_dir.is_dir():
+        raise ConfigError(f"data dir {data_dir} is not a directory")
+    try:
+        with os.scandir(data_dir):
+            pass
+    except OSError as error:
+        raise ConfigError(f"cannot read data dir {data_dir}: {error.strerror}") from None
+
+
+def prepare(processor: Processor, data_dir: Path, db: Path) -> Plan:
+    check_data_dir(data_dir)
+    with connect(db) as con:
+        migrate(con)
+        rebuilt = store.ensure_outputs(con, processor)
+        states = store.load_states(con, processor.name)
+    if rebuilt:
+        log.warning(
+            "%s: output tables %s changed shape; every session will be reprocessed",
+            processor.name,
+            ", ".join(rebuilt),
+        )
+    the_plan = plan(scan(data_dir), states, str(processor.version))
+    reasons: dict[str, int] = {}
+    for c in the_plan.candidates:
+        reasons[c.reason] = reasons.get(c.reason, 0) + 1
+    log.info(
+        "%s: scanned %d session files; %d unchanged, %d to read (%s), %d quarantined",
+        processor.name,
+        the_plan.scanned,
+        the_plan.unchanged,
+        len(the_plan.candidates),
+        ", ".join(f"{n} {r}" for r, n in reasons.items()) or "none",
+        len(the_plan.held),
+    )
+    return the_plan
+
+
+def batches(
+    candidates: Sequence[Candidate], max_tasks: int = MAX_TASK_RUNS
+) -> list[list[Candidate]]:
+    """A small backlog gets one session per task run (fine-grained progress in the UI); a big
+    one is cut into at most `max_tasks` batches, so a run never floods the Prefect server."""
+    if not candidates:
+        return []
+    size = min(MAX_BATCH, max(1, math.ceil(len(candidates) / max_tasks)))
+    return [list(candidates[i : i + size]) for i in range(0, len(candidates), size)]
+
+
+@dataclass
+class Tally:
+    """Accumulates a run's figures as batches are committed."""
+
+    figures: RunFigures
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log
+    attempted: int = 0
+    started: float = field(default_factory=time.monotonic)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @classmethod
+    def start(
+        cls,
+        processor: Processor,
+        the_plan: Plan,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
+    ) -> Tally:
+        figures = RunFigures(
+            processor=processor.name,
+            scanned=the_plan.scanned,
+            skipped=the_plan.unchanged,
+            quarantined=len(the_plan.held),
+        )
+        return cls(figures, logger)
+
+    def add(
+        self, outcomes: Sequence[Outcome], quarantined: Sequence[str], max_attempts: int
+    ) -> None:
+        newly = set(quarantined)
+        self.attempted += len(outcomes)
+        for o in outcomes:
+            if o.status == "processed":
+                self.figures.processed += 1
+                self.figures.items_extracted += o.items
+            elif o.status == "unchanged":
+                self.figures.skipped += 1
+            else:
+                self.figures.errors += 1
+                error = o.error or "unknown error"
+                if o.key in newly:
+                    error += f" (quarantined after {max_attempts} attempts)"
+                self.logger.warning("session %s failed: %s", o.key, error)
+                self.figures.errors_detail.append({"session": o.key, "error": error})
+
+    def finish(self, candidates: int) -> RunFigures:
+        self.figures.deferred = candidates - self.attempted
+        self.figures.duration_seconds = time.monotonic() - self.started
+        return self.figures
+
+
+def commit(
+    db: Path, processor: Processor, outcomes: Sequence[Outcome], max_attempts: int
+) -> list[str]:
+    with connect(db) as con:
+        return store.commit_batch(con, processor, outcomes, max_attempts)
+
+
+def record(db: Path, processor: Processor, tally: Tally, flow_run_id: str | None = None) -> None:
+    with connect(db) as con:
+        store.record_run(
+            con,
+            flow_run_id or str(uuid.uuid4()),
+            tally.figures,
+            version=str(processor.version),
+            started_at=tally.started_at,
+            finished_at=datetime.now(UTC),
+            flow_run_id=flow_run_id,
+        )
+
+
+def deadline_for(time_budget_seconds: float | None) -> float | None:
+    return time.time() + time_budget_seconds if time_budget_seconds else None
+
+
+def run_direct(
+    processor: Processor,
+    data_dir: Path,
+    db: Path,
+    *,
+    max_attempts: int,
+    time_budget_seconds: float | None = None,
+) -> RunFigures:
+    """The whole run in this thread, without Prefect."""
+    from flows.work import process_batch
+
+    deadline = deadline_for(time_budget_seconds)
+    the_plan = prepare(processor, data_dir, db)
+    tally = Tally.start(processor, the_plan)
+    for batch in batches(the_plan.candidates):
+        outcomes = process_batch(processor, batch, deadline)
+        tally.add(outcomes, commit(db, processor, outcomes, max_attempts), max_attempts)
+    figures = tally.finish(len(the_plan.candidates))
+    record(db, processor, tally)
+    return figures

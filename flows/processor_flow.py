@@ -1,0 +1,202 @@
+"""One Prefect flow per registered processor, generated from the registry.
+
+A run takes the processor's global concurrency slot (strict: a missing limit is created, never
+run unprotected), scans, maps one task run per batch of sessions, commits each batch the
+moment it completes, and ends with the run's figures in `processor_runs` and as a table
+artifact in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import Flow, flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.states import Failed, State
+
+from flows.pipeline import Tally, batches, commit, deadline_for, prepare, record
+from flows.work import process_batch
+from processors import registry
+from processors.base import Processor
+from state import config
+from state.config import ConfigError
+from state.db import StateError
+from state.plan import Candidate
+from state.store import Outcome, RunFigures
+
+LOCK_WAIT_SECONDS = 5.0
+
+
+class ProcessorBusyError(RuntimeError):
+    """Another run of the same processor holds its concurrency slot."""
+
+
+def limit_name(processor_name: str) -> str:
+    return f"session-pipeline-{processor_name}"
+
+
+def flow_name(processor_name: str) -> str:
+    return f"{processor_name}-processor"
+
+
+@task(
+    name="process-sessions",
+    cache_policy=NO_CACHE,
+    task_run_name="{processor.name}-batch-{index}",
+)
+def process_sessions(
+    processor: Processor, index: int, batch: list[Candidate], deadline: float | None
+) -> list[Outcome]:
+    """Read one batch of sessions. Pure: returns outcomes, writes nothing."""
+    return process_batch(processor, batch, deadline)
+
+
+def _ensure_limit(name: str) -> None:
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, 1)
+
+
+def _artifact(figures: RunFigures) -> None:
+    data = figures.as_dict()
+    rows = [{"figure": k, "value": v} for k, v in data.items() if k != "errors_detail"]
+    create_table_artifact(
+        key=f"{figures.processor.replace('_', '-')}-run-figures",
+        table=rows,
+        description=f"{figures.processor}: {figures.processed} processed, "
+        f"{figures.errors} failed, {figures.items_extracted} items",
+    )
+    if figures.errors_detail:
+        create_table_artifact(
+            key=f"{figures.processor.replace('_', '-')}-run-errors",
+            table=figures.errors_detail[:200],
+            description=f"{figures.processor}: sessions that failed in this run",
+        )
+
+
+def run_processor(
+    processor_name: str,
+    data_dir: str | None,
+    db: str | None,
+    max_attempts: int | None,
+    time_budget_seconds: float | None,
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    processor = registry.get(processor_name)
+    data_path, db_path = config.data_dir(data_dir), config.db_path(db)
+    attempts = config.max_attempts(max_attempts)
+    deadline = deadline_for(time_budget_seconds)
+    slot = limit_name(processor_name)
+    _ensure_limit(slot)
+    try:
+        lock = concurrency(slot, occupy=1, timeout_seconds=LOCK_WAIT_SECONDS, strict=True)
+        lock.__enter__()
+    except TimeoutError:
+        raise ProcessorBusyError(f"Processor '{processor_name}' is already running") from None
+    try:
+        the_plan = prepare(processor, data_path, db_path)
+        tally = Tally.start(processor, the_plan, logger)
+        work = batches(the_plan.candidates)
+        futures = process_sessions.map(
+            unmapped(processor), range(len(work)), work, unmapped(deadline)
+        )
+        batch_of = {id(f): b for f, b in zip(futures, work, strict=True)}
+        for future in as_completed(futures):
+            try:
+                outcomes = future.result()
+            except Exception as error:  # a crashed task fails its sessions, not the run
+                now = datetime.now(UTC)
+                outcomes = [
+                    Outcome(c.key, "failed", now, error=f"task crashed: {error}")
+                    for c in batch_of[id(future)]
+                ]
+            tally.add(outcomes, commit(db_path, processor, outcomes, attempts), attempts)
+        figures = tally.finish(len(the_plan.candidates))
+        flow_run_id = flow_run.get_id()
+        record(db_path, processor, tally, flow_run_id)
+    finally:
+        lock.__exit__(None, None, None)
+    logger.info(
+        "%s: scanned %d, processed %d, skipped %d, errors %d, quarantined %d, deferred %d, "
+        "items %d in %.1fs",
+        processor_name,
+        figures.scanned,
+        figures.processed,
+        figures.skipped,
+        figures.errors,
+        figures.quarantined,
+        figures.deferred,
+        figures.items_extracted,
+        figures.duration_seconds,
+    )
+    _artifact(figures)
+    return figures.as_dict()
+
+
+def build_flow(processor_name: str) -> Flow[..., dict[str, Any] | State]:
+    """The flow of one processor, named `<name>-processor`, its runs `<name>-<timestamp>`."""
+
+    def run_name() -> str:
+        return f"{processor_name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+
+    @flow(
+        name=flow_name(processor_name),
+        flow_run_name=run_name,
+        description=f"Reads new and changed session transcripts with the {processor_name} "
+        "processor and commits what it extracts to DuckDB.",
+        validate_parameters=True,
+    )
+    def processor_flow(
+        data_dir: str | None = None,
+        db: str | None = None,
+        max_attempts: int | None = None,
+        time_budget_seconds: float | None = None,
+    ) -> dict[str, Any] | State:
+        try:
+            return run_processor(processor_name, data_dir, db, max_attempts, time_budget_seconds)
+        except (ProcessorBusyError, StateError, ConfigError, registry.UnknownProcessorError) as e:
+            # An expected refusal: one line in the log and a Failed run, not a traceback.
+            get_run_logger().error("%s", e)
+            return Failed(message=str(e))
+
+    return processor_flow
+
+
+def flows() -> dict[str, Flow[..., dict[str, Any] | State]]:
+    """A flow for every enabled processor."""
+    return {e.name: build_flow(e.name) for e in registry.entries() if e.enabled}
+
+
+class RunRefused(RuntimeError):
+    """A run ended without completing; the message says why in one line."""
+
+
+def run(
+    processor_name: str,
+    data_dir: Path | str | None = None,
+    db: Path | str | None = None,
+    max_attempts: int | None = None,
+    time_budget_seconds: float | None = None,
+) -> dict[str, Any]:
+    """Run a processor's flow now, in this process, and return its figures. A run that was
+    refused (busy, locked database) raises RunRefused with the one-line reason."""
+    from prefect import tags
+
+    registry.get(processor_name)  # unknown or disabled: fail before Prefect starts
+    with tags("session-pipeline", f"processor:{processor_name}"):
+        state = build_flow(processor_name)(
+            data_dir=str(data_dir) if data_dir else None,
+            db=str(db) if db else None,
+            max_attempts=max_attempts,
+            time_budget_seconds=time_budget_seconds,
+            return_state=True,
+        )
+    if not state.is_completed():
+        raise RunRefused(state.message or f"{processor_name} run ended {state.name}")
+    return state.result()

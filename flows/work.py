@@ -1,0 +1,155 @@
+"""Reading sessions: the pure half of a run, safe in any thread or process.
+
+A worker opens each candidate once, takes its size and mtime before reading, and either
+confirms by hash that the content is unchanged or hands it to the processor while hashing the
+bytes as they stream past. Whatever a processor does (raise, return the wrong type, return
+rows that do not fit its tables) fails that one session only, with a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from processors.base import Processor, ProcessResult, Table
+from processors.session import Session, SessionIdentity, hash_prefix
+from state.plan import Candidate
+from state.store import Columns, Outcome
+
+log = logging.getLogger("session_pipeline.work")
+
+_PY_TYPES: dict[str, tuple[type, ...]] = {
+    "VARCHAR": (str,),
+    "TEXT": (str,),
+    "BIGINT": (int,),
+    "INTEGER": (int,),
+    "DOUBLE": (float, int),
+    "BOOLEAN": (bool,),
+    "TIMESTAMPTZ": (str, datetime),
+    "TIMESTAMP": (str, datetime),
+    "JSON": (str,),
+}
+
+
+class RowError(ValueError):
+    """A processor returned rows that do not fit its declared tables."""
+
+
+def _coerce(value: Any, sql_type: str, table: str, column: str) -> Any:
+    if value is None:
+        return None
+    base = sql_type.split()[0].upper()
+    if base == "JSON" and not isinstance(value, str):
+        return orjson.dumps(value).decode()
+    if base.endswith("[]"):
+        if not isinstance(value, list | tuple):
+            raise RowError(f"{table}.{column} expects a list, got {type(value).__name__}")
+        return list(value)
+    expected = _PY_TYPES.get(base)
+    if expected is None:
+        return value
+    if base in ("BIGINT", "INTEGER") and isinstance(value, bool):
+        return int(value)
+    if not isinstance(value, expected):
+        raise RowError(f"{table}.{column} expects {base}, got {type(value).__name__}")
+    return value
+
+
+def to_columns(tables: Sequence[Table], result: ProcessResult) -> dict[str, Columns]:
+    """Validate a result against the declared tables and turn it column-wise, the shape
+    DuckDB inserts fastest (one `UNNEST` per column instead of a statement per row)."""
+    by_name = {t.name: t for t in tables}
+    unknown = set(result.rows) - set(by_name)
+    if unknown:
+        raise RowError(f"rows for undeclared table(s): {', '.join(sorted(unknown))}")
+    out: dict[str, Columns] = {}
+    for name, rows in result.rows.items():
+        table = by_name[name]
+        cols: Columns = {c: [] for c in table.column_names}
+        for row in rows:
+            extra = set(row) - set(cols)
+            if extra:
+                raise RowError(f"{name} has no column(s) {', '.join(sorted(extra))}")
+            for column, sql_type in table.columns:
+                cols[column].append(_coerce(row.get(column), sql_type, name, column))
+        out[name] = cols
+    return out
+
+
+def describe(error: BaseException) -> str:
+    """One line for the state table and the logs: the type, the message, and where."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    where = ""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        where = f" (at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno})"
+    return f"{type(error).__name__}: {message}{where}"[:2000]
+
+
+def process_candidate(processor: Processor, candidate: Candidate) -> Outcome:
+    read_at = datetime.now(UTC)
+    try:
+        with open(candidate.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            size, mtime_ns = st.st_size, st.st_mtime_ns
+            if candidate.known_hash is not None and candidate.known_size == size:
+                digest = hash_prefix(f, size)
+                if digest == candidate.known_hash:
+                    return Outcome(candidate.key, "unchanged", read_at, size, mtime_ns, digest)
+                f.seek(0)
+            session = Session(
+                identity=SessionIdentity.from_key(candidate.key),
+                path=Path(candidate.path),
+                size=size,
+                _file=f,
+            )
+            result = processor.process(session)
+            digest = session.finish()
+        if not isinstance(result, ProcessResult):
+            # The old contract: a return value of the wrong type counts as 0 items and the
+            # session is still marked processed.
+            log.warning(
+                "%s: processor %s returned %s, not a ProcessResult; recorded as 0 items",
+                candidate.key,
+                processor.name,
+                type(result).__name__,
+            )
+            result = ProcessResult()
+        columns = to_columns(processor.tables, result)
+    except Exception as error:
+        reason = describe(error)
+        log.debug("session %s failed in processor %s: %s", candidate.key, processor.name, reason)
+        return Outcome(candidate.key, "failed", read_at, error=reason)
+    return Outcome(
+        candidate.key,
+        "processed",
+        read_at,
+        size,
+        mtime_ns,
+        digest,
+        columns=columns,
+        items=int(result.items),
+        malformed_lines=session.malformed_lines,
+    )
+
+
+def process_batch(
+    processor: Processor, batch: Sequence[Candidate], deadline: float | None = None
+) -> list[Outcome]:
+    """Process a batch in order. Past the run's deadline (epoch seconds) the rest of the
+    batch is left for the next run rather than holding the processor hostage."""
+    outcomes: list[Outcome] = []
+    for candidate in batch:
+        if deadline is not None and time.time() >= deadline:
+            break
+        outcomes.append(process_candidate(processor, candidate))
+    return outcomes

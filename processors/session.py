@@ -1,0 +1,171 @@
+"""One session transcript as a processor sees it: identity from its path, and a single
+streaming pass over its parsed lines.
+
+The pipeline stats a file, then reads exactly that many bytes, hashing them as it goes: the
+hash, size and mtime recorded for a session always describe the bytes that were processed, so
+an append that lands during processing is simply seen by the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+import orjson
+
+CHUNK_BYTES = 1 << 20
+
+
+class FileChangedError(Exception):
+    """The file shrank or vanished while it was being read."""
+
+
+@dataclass(frozen=True)
+class SessionIdentity:
+    """What the path says about a session file.
+
+    `alice/<sid>.jsonl` is a main transcript; `alice/<sid>/subagents/agent-<id>.jsonl` a
+    subagent transcript (v2.1+); `alice/agent-<id>.jsonl` an older subagent file written
+    beside the session (its lines carry the parent's sessionId).
+    """
+
+    key: str
+    username: str
+    session_id: str | None
+    agent_id: str | None
+
+    @property
+    def is_subagent(self) -> bool:
+        return self.agent_id is not None
+
+    @classmethod
+    def from_key(cls, key: str) -> SessionIdentity:
+        parts = PurePosixPath(key).parts
+        stem = PurePosixPath(key).stem
+        agent_id = stem[len("agent-") :] if stem.startswith("agent-") else None
+        if len(parts) >= 4 and parts[-2] == "subagents":
+            session_id: str | None = parts[-3]
+        elif agent_id is not None:
+            session_id = None
+        else:
+            session_id = stem
+        return cls(key=key, username=parts[0], session_id=session_id, agent_id=agent_id)
+
+
+@dataclass
+class Session:
+    """A session transcript opened for one read.
+
+    `lines()` yields each complete line that parses to a JSON object. Malformed lines, and
+    lines that are valid JSON but not objects, are counted in `malformed_lines` and skipped.
+    A last line without its newline is an append in progress: it is not yielded, and the
+    next run (which will see a new size) reads it whole.
+    """
+
+    identity: SessionIdentity
+    path: Path
+    size: int
+    _file: IO[bytes]
+    malformed_lines: int = 0
+    _hasher: Any = field(default_factory=hashlib.sha256)
+    _consumed: int = 0
+    _iterating: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.identity.key
+
+    @property
+    def username(self) -> str:
+        return self.identity.username
+
+    @property
+    def session_id(self) -> str | None:
+        return self.identity.session_id
+
+    @property
+    def agent_id(self) -> str | None:
+        return self.identity.agent_id
+
+    @property
+    def is_subagent(self) -> bool:
+        return self.identity.is_subagent
+
+    def _chunks(self) -> Iterator[bytes]:
+        while self._consumed < self.size:
+            chunk = self._file.read(min(CHUNK_BYTES, self.size - self._consumed))
+            if not chunk:
+                raise FileChangedError(
+                    f"file shrank while being read ({self._consumed} of {self.size} bytes)"
+                )
+            self._consumed += len(chunk)
+            self._hasher.update(chunk)
+            yield chunk
+
+    def lines(self) -> Iterator[dict[str, Any]]:
+        if self._iterating or self._consumed:
+            raise RuntimeError("Session.lines() can be iterated once")
+        self._iterating = True
+        pending: list[bytes] = []  # pieces of a line longer than a chunk: joined once, not O(n²)
+        for chunk in self._chunks():
+            start = 0
+            while (newline := chunk.find(b"\n", start)) >= 0:
+                piece = chunk[start:newline]
+                start = newline + 1
+                if pending:
+                    pending.append(piece)
+                    piece = b"".join(pending)
+                    pending.clear()
+                parsed = self._parse(piece)
+                if parsed is not None:
+                    yield parsed
+            if start < len(chunk):
+                pending.append(chunk[start:])
+
+    def _parse(self, raw: bytes) -> dict[str, Any] | None:
+        if not raw.strip():
+            return None
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self.malformed_lines += 1
+            return None
+        if not isinstance(value, dict):
+            self.malformed_lines += 1
+            return None
+        return value
+
+    def finish(self) -> str:
+        """Read whatever the processor left unread and return the content hash."""
+        for _ in self._chunks():
+            pass
+        return self._hasher.hexdigest()
+
+    @classmethod
+    @contextmanager
+    def open(cls, path: str | os.PathLike[str], key: str | None = None) -> Iterator[Session]:
+        """Open a transcript outside the pipeline (tests, notebooks). `key` defaults to the
+        last two path components, `<user>/<file>`."""
+        p = Path(path)
+        with p.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            key = key or f"{p.parent.name}/{p.name}"
+            yield cls(identity=SessionIdentity.from_key(key), path=p, size=size, _file=f)
+
+
+def hash_prefix(f: IO[bytes], size: int) -> str:
+    """sha256 of the first `size` bytes of an open file, streamed."""
+    hasher = hashlib.sha256()
+    remaining = size
+    while remaining > 0:
+        chunk = f.read(min(CHUNK_BYTES, remaining))
+        if not chunk:
+            raise FileChangedError(f"file shrank while being hashed ({size - remaining} of {size})")
+        hasher.update(chunk)
+        remaining -= len(chunk)
+    return hasher.hexdigest()

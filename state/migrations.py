@@ -1,0 +1,171 @@
+"""Versioned, idempotent schema migrations for the pipeline's own tables.
+
+Each migration runs once, inside the transaction that records it in `schema_migrations`, and
+is written so that running it against a database the old system left behind (which may already
+hold `session_processor_state` with the old columns, or `session_extraction_state`) does the
+right thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import duckdb
+
+from state.db import transaction
+
+Migration = Callable[[duckdb.DuckDBPyConnection], None]
+
+
+def _state_table(con: duckdb.DuckDBPyConnection) -> None:
+    # The old system's columns first, unchanged, so its existing table is adopted as is.
+    con.execute(
+        """
+        CREATE TABLE IF NOT EXISTS session_processor_state (
+            processor_name VARCHAR NOT NULL,
+            session_file VARCHAR NOT NULL,
+            username VARCHAR,
+            processed_at TIMESTAMPTZ,
+            items_extracted INTEGER,
+            file_hash VARCHAR,
+            PRIMARY KEY (processor_name, session_file)
+        )
+        """
+    )
+    for column, sql_type in (
+        ("processor_version", "VARCHAR"),
+        ("size_bytes", "BIGINT"),
+        ("mtime_ns", "BIGINT"),
+        ("read_at", "TIMESTAMPTZ"),
+        ("malformed_lines", "INTEGER"),
+        ("attempts", "INTEGER DEFAULT 0"),
+        ("last_error", "VARCHAR"),
+        ("last_attempt_at", "TIMESTAMPTZ"),
+        ("status", "VARCHAR DEFAULT 'ok'"),
+    ):
+        con.execute(
+            f"ALTER TABLE session_processor_state ADD COLUMN IF NOT EXISTS {column} {sql_type}"
+        )
+
+
+def _import_extraction_state(con: duckdb.DuckDBPyConnection) -> None:
+    """The older `session_extraction_state` (verification only) becomes `verification` rows.
+
+    Rows already present for `verification` win; the old table is dropped afterwards, so a
+    second run finds nothing to import.
+    """
+    found = con.execute(
+        "SELECT count(*) FROM information_schema.tables "
+        "WHERE table_name = 'session_extraction_state'"
+    ).fetchone()
+    if not found or not found[0]:
+        return
+    old_columns = {
+        row[0]
+        for row in con.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_name = 'session_extraction_state'"
+        ).fetchall()
+    }
+    if "session_file" not in old_columns:
+        raise duckdb.Error("session_extraction_state has no session_file column; cannot import")
+    wanted = ["username", "processed_at", "items_extracted", "file_hash"]
+    present = [c for c in wanted if c in old_columns]
+    username = "username" if "username" in old_columns else "split_part(session_file, '/', 1)"
+    select = ", ".join(
+        ["'verification'", "session_file", username] + [c for c in present if c != "username"]
+    )
+    target = ", ".join(
+        ["processor_name", "session_file", "username"] + [c for c in present if c != "username"]
+    )
+    con.execute(
+        f"""
+        INSERT INTO session_processor_state ({target}, status, attempts)
+        SELECT {select}, 'ok', 0 FROM session_extraction_state
+        WHERE session_file NOT IN (
+            SELECT session_file FROM session_processor_state
+            WHERE processor_name = 'verification'
+        )
+        """
+    )
+    con.execute("DROP TABLE session_extraction_state")
+
+
+def _runs_table(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(
+        """
+        CREATE TABLE IF NOT EXISTS processor_runs (
+            run_id VARCHAR PRIMARY KEY,
+            processor_name VARCHAR NOT NULL,
+            processor_version VARCHAR,
+            flow_run_id VARCHAR,
+            started_at TIMESTAMPTZ NOT NULL,
+            finished_at TIMESTAMPTZ,
+            duration_seconds DOUBLE,
+            scanned INTEGER,
+            processed INTEGER,
+            skipped INTEGER,
+            errors INTEGER,
+            quarantined INTEGER,
+            deferred INTEGER,
+            items_extracted BIGINT,
+            errors_detail JSON
+        )
+        """
+    )
+
+
+def _output_schemas_table(con: duckdb.DuckDBPyConnection) -> None:
+    # The DDL each processor's output tables were created with: a changed DDL rebuilds the
+    # table and reprocesses that processor's sessions (see state.store.ensure_outputs).
+    con.execute(
+        """
+        CREATE TABLE IF NOT EXISTS processor_tables (
+            processor_name VARCHAR NOT NULL,
+            table_name VARCHAR NOT NULL,
+            ddl VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+            PRIMARY KEY (table_name)
+        )
+        """
+    )
+
+
+MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
+    (1, "session_processor_state with versions, stat and attempts", _state_table),
+    (2, "import session_extraction_state as verification rows", _import_extraction_state),
+    (3, "processor_runs", _runs_table),
+    (4, "processor_tables", _output_schemas_table),
+)
+
+LATEST = MIGRATIONS[-1][0]
+
+
+def applied(con: duckdb.DuckDBPyConnection) -> int:
+    con.execute(
+        """
+        CREATE TABLE IF NOT EXISTS schema_migrations (
+            version INTEGER PRIMARY KEY,
+            name VARCHAR NOT NULL,
+            applied_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+        )
+        """
+    )
+    row = con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Apply every pending migration, each in its own transaction; return their names."""
+    done = applied(con)
+    ran: list[str] = []
+    for version, name, step in MIGRATIONS:
+        if version <= done:
+            continue
+        with transaction(con):
+            step(con)
+            con.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name]
+            )
+        ran.append(name)
+    return ran

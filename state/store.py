@@ -1,0 +1,378 @@
+"""The repository: everything the pipeline reads from and writes to the state database.
+
+The one rule that makes retries, crashes and concurrent triggers safe: a batch's output rows
+and its state rows are replaced together in one transaction. A crash leaves either the old rows
+or the new rows of a session, never both and never neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import duckdb
+import orjson
+
+from processors.base import Processor, Table
+from state.db import transaction
+from state.plan import StoredState
+
+Columns = dict[str, list[Any]]
+
+
+@dataclass
+class Outcome:
+    """What reading one session produced; built in a worker, committed by the flow."""
+
+    key: str
+    status: Literal["processed", "unchanged", "failed"]
+    read_at: datetime
+    size: int | None = None
+    mtime_ns: int | None = None
+    file_hash: str | None = None
+    columns: dict[str, Columns] = field(default_factory=dict)  # table -> column -> values
+    items: int = 0
+    malformed_lines: int = 0
+    error: str | None = None
+    finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def username(self) -> str:
+        return self.key.split("/", 1)[0]
+
+
+def load_states(con: duckdb.DuckDBPyConnection, processor_name: str) -> dict[str, StoredState]:
+    rows = con.execute(
+        """
+        SELECT session_file, size_bytes, mtime_ns, file_hash, processor_version, status,
+               coalesce(attempts, 0), last_attempt_at
+        FROM session_processor_state WHERE processor_name = ?
+        """,
+        [processor_name],
+    ).fetchall()
+    return {row[0]: StoredState(*row[1:]) for row in rows}
+
+
+def ensure_outputs(con: duckdb.DuckDBPyConnection, processor: Processor) -> list[str]:
+    """Create the processor's output tables and views.
+
+    A table whose DDL changed since it was created is dropped and recreated, and every state
+    row of that processor is marked stale so the next run refills it: output rows always
+    match the current schema and a clean processing of each session. Returns the rebuilt
+    table names.
+    """
+    rebuilt: list[str] = []
+    with transaction(con):
+        for table in processor.tables:
+            row = con.execute(
+                "SELECT processor_name, ddl FROM processor_tables WHERE table_name = ?",
+                [table.name],
+            ).fetchone()
+            if row is not None and row[0] != processor.name:
+                raise duckdb.Error(
+                    f"table {table.name} belongs to processor {row[0]!r}, not {processor.name!r}"
+                )
+            if row is not None and row[1] == table.ddl:
+                continue
+            if row is not None:
+                con.execute(f"DROP TABLE IF EXISTS {table.name} CASCADE")
+                rebuilt.append(table.name)
+            con.execute(table.ddl)
+            con.execute(
+                "INSERT OR REPLACE INTO processor_tables (processor_name, table_name, ddl) "
+                "VALUES (?, ?, ?)",
+                [processor.name, table.name, table.ddl],
+            )
+        if rebuilt:
+            con.execute(
+                "UPDATE session_processor_state SET processor_version = '(schema changed)' "
+                "WHERE processor_name = ?",
+                [processor.name],
+            )
+        for view in processor.views:
+            con.execute(view)
+    return rebuilt
+
+
+def _insert_columns(con: duckdb.DuckDBPyConnection, table: Table, columns: Columns) -> None:
+    names = table.column_names
+    if not columns[names[0]]:
+        return
+    select = ", ".join(
+        f"TRY_CAST(UNNEST(${i}) AS {sql_type})" for i, (_, sql_type) in enumerate(table.columns, 1)
+    )
+    con.execute(
+        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {select}",
+        [columns[name] for name in names],
+    )
+
+
+def _merge(outcomes: Sequence[Outcome], table: Table) -> Columns:
+    merged: Columns = {name: [] for name in table.column_names}
+    for outcome in outcomes:
+        cols = outcome.columns.get(table.name)
+        if cols:
+            for name in table.column_names:
+                merged[name].extend(cols[name])
+    return merged
+
+
+def commit_batch(
+    con: duckdb.DuckDBPyConnection,
+    processor: Processor,
+    outcomes: Sequence[Outcome],
+    max_attempts: int,
+) -> list[str]:
+    """Apply one batch of outcomes atomically; return the keys quarantined by it."""
+    processed = [o for o in outcomes if o.status == "processed"]
+    unchanged = [o for o in outcomes if o.status == "unchanged"]
+    failed = [o for o in outcomes if o.status == "failed"]
+    quarantined: list[str] = []
+    with transaction(con):
+        if processed:
+            keys = [o.key for o in processed]
+            for table in processor.tables:
+                con.execute(
+                    f"DELETE FROM {table.name} WHERE session_file IN (SELECT UNNEST($1))", [keys]
+                )
+                _insert_columns(con, table, _merge(processed, table))
+            _upsert_read(con, processor, processed, with_items=True)
+        if unchanged:
+            _upsert_read(con, processor, unchanged, with_items=False)
+        if failed:
+            quarantined = _record_failures(con, processor.name, failed, max_attempts)
+    return quarantined
+
+
+def _upsert_read(
+    con: duckdb.DuckDBPyConnection,
+    processor: Processor,
+    outcomes: Sequence[Outcome],
+    *,
+    with_items: bool,
+) -> None:
+    """Record a successful read. For an unchanged (hash-equal) file only the stat moves on:
+    items and processed_at still describe the processing that produced the stored rows."""
+    on_conflict_items = (
+        "items_extracted = EXCLUDED.items_extracted, processed_at = EXCLUDED.processed_at, "
+        "malformed_lines = EXCLUDED.malformed_lines,"
+        if with_items
+        else ""
+    )
+    con.execute(
+        f"""
+        INSERT INTO session_processor_state (
+            processor_name, session_file, username, processed_at, items_extracted, file_hash,
+            processor_version, size_bytes, mtime_ns, read_at, malformed_lines, attempts,
+            last_error, last_attempt_at, status)
+        SELECT $1, UNNEST($2), UNNEST($3), UNNEST($4), UNNEST($5), UNNEST($6), $7,
+               UNNEST($8), UNNEST($9), UNNEST($10), UNNEST($11), 0, NULL, UNNEST($4), 'ok'
+        ON CONFLICT (processor_name, session_file) DO UPDATE SET
+            {on_conflict_items}
+            file_hash = EXCLUDED.file_hash, processor_version = EXCLUDED.processor_version,
+            size_bytes = EXCLUDED.size_bytes, mtime_ns = EXCLUDED.mtime_ns,
+            read_at = EXCLUDED.read_at, attempts = 0, last_error = NULL,
+            last_attempt_at = EXCLUDED.last_attempt_at, status = 'ok'
+        """,
+        [
+            processor.name,
+            [o.key for o in outcomes],
+            [o.username for o in outcomes],
+            [o.finished_at for o in outcomes],
+            [o.items for o in outcomes],
+            [o.file_hash for o in outcomes],
+            str(processor.version),
+            [o.size for o in outcomes],
+            [o.mtime_ns for o in outcomes],
+            [o.read_at for o in outcomes],
+            [o.malformed_lines for o in outcomes],
+        ],
+    )
+
+
+def _record_failures(
+    con: duckdb.DuckDBPyConnection,
+    processor_name: str,
+    failed: Sequence[Outcome],
+    max_attempts: int,
+) -> list[str]:
+    """Count the attempt and keep the error; the stored hash and output rows stay those of
+    the last good read, so a failure never loses what was extracted before."""
+    con.execute(
+        """
+        INSERT INTO session_processor_state (
+            processor_name, session_file, username, attempts, last_error, last_attempt_at, status)
+        SELECT $1, UNNEST($2), UNNEST($3), 1, UNNEST($4), UNNEST($5),
+               CASE WHEN $6 <= 1 THEN 'quarantined' ELSE 'failed' END
+        ON CONFLICT (processor_name, session_file) DO UPDATE SET
+            attempts = coalesce(session_processor_state.attempts, 0) + 1,
+            last_error = EXCLUDED.last_error,
+            last_attempt_at = EXCLUDED.last_attempt_at,
+            status = CASE WHEN coalesce(session_processor_state.attempts, 0) + 1 >= $6
+                          THEN 'quarantined' ELSE 'failed' END
+        """,
+        [
+            processor_name,
+            [o.key for o in failed],
+            [o.username for o in failed],
+            [o.error for o in failed],
+            [o.finished_at for o in failed],
+            max_attempts,
+        ],
+    )
+    rows = con.execute(
+        "SELECT session_file FROM session_processor_state WHERE processor_name = ? "
+        "AND status = 'quarantined' AND session_file IN (SELECT UNNEST($2))",
+        [processor_name, [o.key for o in failed]],
+    ).fetchall()
+    return sorted(r[0] for r in rows)
+
+
+@dataclass
+class RunFigures:
+    """The figures of one run: the old system's keys plus quarantined, deferred and timing."""
+
+    processor: str
+    scanned: int = 0
+    processed: int = 0
+    skipped: int = 0
+    errors: int = 0
+    quarantined: int = 0
+    deferred: int = 0
+    items_extracted: int = 0
+    errors_detail: list[dict[str, str]] = field(default_factory=list)
+    duration_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "processor": self.processor,
+            "scanned": self.scanned,
+            "processed": self.processed,
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "quarantined": self.quarantined,
+            "deferred": self.deferred,
+            "items_extracted": self.items_extracted,
+            "errors_detail": self.errors_detail,
+            "duration_seconds": round(self.duration_seconds, 3),
+        }
+
+
+def record_run(
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    figures: RunFigures,
+    *,
+    version: str,
+    started_at: datetime,
+    finished_at: datetime,
+    flow_run_id: str | None,
+) -> None:
+    con.execute(
+        """
+        INSERT OR REPLACE INTO processor_runs (
+            run_id, processor_name, processor_version, flow_run_id, started_at, finished_at,
+            duration_seconds, scanned, processed, skipped, errors, quarantined, deferred,
+            items_extracted, errors_detail)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        """,
+        [
+            run_id,
+            figures.processor,
+            version,
+            flow_run_id,
+            started_at,
+            finished_at,
+            figures.duration_seconds,
+            figures.scanned,
+            figures.processed,
+            figures.skipped,
+            figures.errors,
+            figures.quarantined,
+            figures.deferred,
+            figures.items_extracted,
+            orjson.dumps(figures.errors_detail).decode(),
+        ],
+    )
+
+
+@dataclass(frozen=True)
+class ProcessorStatus:
+    processor: str
+    known: int
+    processed: int
+    failed: int
+    quarantined: int
+    last_run_at: datetime | None
+    last_run_errors: int | None
+
+
+def status(con: duckdb.DuckDBPyConnection, processor_names: Iterable[str]) -> list[ProcessorStatus]:
+    counts = {
+        row[0]: row[1:]
+        for row in con.execute(
+            """
+            SELECT processor_name, count(*),
+                   count(*) FILTER (WHERE status = 'ok' AND file_hash IS NOT NULL),
+                   count(*) FILTER (WHERE status = 'failed'),
+                   count(*) FILTER (WHERE status = 'quarantined')
+            FROM session_processor_state GROUP BY processor_name
+            """
+        ).fetchall()
+    }
+    runs = {
+        row[0]: row[1:]
+        for row in con.execute(
+            """
+            SELECT processor_name, max(finished_at), arg_max(errors, finished_at)
+            FROM processor_runs GROUP BY processor_name
+            """
+        ).fetchall()
+    }
+    names = list(dict.fromkeys([*processor_names, *counts]))
+    result = []
+    for name in names:
+        known, processed, failed, quarantined = counts.get(name, (0, 0, 0, 0))
+        last_run_at, last_errors = runs.get(name, (None, None))
+        result.append(
+            ProcessorStatus(name, known, processed, failed, quarantined, last_run_at, last_errors)
+        )
+    return result
+
+
+def release(
+    con: duckdb.DuckDBPyConnection,
+    processor_name: str,
+    *,
+    user: str | None = None,
+    session: str | None = None,
+    quarantined_only: bool = False,
+) -> int:
+    """Mark sessions for reprocessing on the next run; return how many.
+
+    Their output rows stay until the reprocessing replaces them, so nothing is lost if it
+    fails. Attempts restart from zero, which also releases quarantined sessions.
+    """
+    where = ["processor_name = ?"]
+    params: list[Any] = [processor_name]
+    if user is not None:
+        where.append("username = ?")
+        params.append(user)
+    if session is not None:
+        where.append("session_file = ?")
+        params.append(session)
+    if quarantined_only:
+        where.append("status = 'quarantined'")
+    with transaction(con):
+        row = con.execute(
+            f"""
+            UPDATE session_processor_state
+            SET processor_version = '(reprocess)', attempts = 0, status = 'ok', last_error = NULL
+            WHERE {" AND ".join(where)}
+            RETURNING 1
+            """,
+            params,
+        ).fetchall()
+    return len(row)
