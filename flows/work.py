@@ -45,7 +45,7 @@ class RowError(ValueError):
 def _coerce(value: Any, sql_type: str, table: str, column: str) -> Any:
     if value is None:
         return None
-    base = sql_type.split()[0].upper()
+    base = sql_type.upper()
     if base == "JSON" and not isinstance(value, str):
         return orjson.dumps(value).decode()
     if base.endswith("[]"):
@@ -77,7 +77,7 @@ def to_columns(tables: Sequence[Table], result: ProcessResult) -> dict[str, Colu
             extra = set(row) - set(cols)
             if extra:
                 raise RowError(f"{name} has no column(s) {', '.join(sorted(extra))}")
-            for column, sql_type in table.columns:
+            for column, sql_type in zip(table.column_names, table.value_types, strict=True):
                 cols[column].append(_coerce(row.get(column), sql_type, name, column))
         out[name] = cols
     return out

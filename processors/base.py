@@ -7,6 +7,7 @@ in threads or processes, and never fight over the DuckDB write lock.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -14,6 +15,9 @@ from typing import Any, Protocol, runtime_checkable
 from processors.session import Session
 
 Row = Mapping[str, Any]
+_CONSTRAINT = re.compile(
+    r"\s+(?:NOT\s|NULL\b|DEFAULT\b|PRIMARY\b|UNIQUE\b|CHECK\b|REFERENCES\b)", re.I
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,13 @@ class Table:
     @property
     def column_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.columns)
+
+    @property
+    def value_types(self) -> tuple[str, ...]:
+        """Each column's type without its constraints (`VARCHAR NOT NULL` -> `VARCHAR`)."""
+        return tuple(
+            _CONSTRAINT.split(sql_type, maxsplit=1)[0].strip() for _, sql_type in self.columns
+        )
 
     @property
     def ddl(self) -> str:

@@ -101,7 +101,7 @@ def _insert_columns(con: duckdb.DuckDBPyConnection, table: Table, columns: Colum
     if not columns[names[0]]:
         return
     select = ", ".join(
-        f"TRY_CAST(UNNEST(${i}) AS {sql_type})" for i, (_, sql_type) in enumerate(table.columns, 1)
+        f"TRY_CAST(UNNEST(${i}) AS {sql_type})" for i, sql_type in enumerate(table.value_types, 1)
     )
     con.execute(
         f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {select}",

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+EXAMPLES = ROOT / "examples" / "sessions"
+
+
+def write_session(data_dir: Path, key: str, lines: list[Any], *, newline: bool = True) -> Path:
+    """Write a transcript at `<data_dir>/<key>`: dicts become JSON lines, str/bytes are raw."""
+    path = data_dir / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    for line in lines:
+        if isinstance(line, bytes):
+            chunks.append(line)
+        elif isinstance(line, str):
+            chunks.append(line.encode())
+        else:
+            chunks.append(orjson.dumps(line))
+    body = b"\n".join(chunks) + (b"\n" if newline and chunks else b"")
+    path.write_bytes(body)
+    return path
+
+
+def user_line(text: str, session_id: str = "s1", ts: str = "2026-11-01T10:00:00Z") -> dict[str, Any]:
+    return {
+        "type": "user",
+        "uuid": f"u-{abs(hash((text, ts)))}",
+        "parentUuid": None,
+        "sessionId": session_id,
+        "timestamp": ts,
+        "isSidechain": False,
+        "userType": "external",
+        "cwd": "/repo",
+        "gitBranch": "main",
+        "version": "2.1.3",
+        "message": {"role": "user", "content": text},
+    }
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "sessions"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "pipeline.duckdb"
+
+
+@pytest.fixture
+def test_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Install the test processors (linecount, broken, disabled) through real entry points."""
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(PLUGINS), *sys.path]))
+    yield PLUGINS
+
+
+@pytest.fixture
+def linecount(test_plugins: Path) -> Any:
+    from processors import registry
+
+    return registry.get("linecount")

@@ -1,0 +1,317 @@
+"""The pipeline's invariants, on real files and a real DuckDB file, without Prefect."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from flows.pipeline import run_direct
+from processors.base import ProcessResult, Table
+from processors.session import Session
+from state.db import connect
+from tests.conftest import user_line, write_session
+
+
+class Recorder:
+    """A processor that keeps one row per line and can be told to fail, sleep or misbehave."""
+
+    name = "recorder"
+    cadence_seconds = 60
+    views = ()
+    tables = (
+        Table(
+            "recorder_rows",
+            (("session_file", "VARCHAR NOT NULL"), ("line_no", "INTEGER"), ("text", "VARCHAR")),
+        ),
+    )
+
+    def __init__(self, version: str = "1") -> None:
+        self.version = version
+        self.seen: list[str] = []
+        self.fail: set[str] = set()
+        self.during: Any = None  # called with the session while it is being processed
+
+    def process(self, session: Session) -> ProcessResult:
+        self.seen.append(session.key)
+        if session.key in self.fail:
+            raise RuntimeError(f"cannot handle {session.key}")
+        if self.during:
+            self.during(session)
+        rows = [
+            {"session_file": session.key, "line_no": i, "text": line.get("message", {}).get("content")}
+            for i, line in enumerate(session.lines(), 1)
+        ]
+        return ProcessResult({"recorder_rows": rows}, items=len(rows))
+
+
+def _rows(db: Path, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+    with connect(db) as con:
+        return con.execute(sql, params or []).fetchall()
+
+
+def _run(proc: Any, data_dir: Path, db: Path, max_attempts: int = 5) -> dict[str, Any]:
+    return run_direct(proc, data_dir, db, max_attempts=max_attempts).as_dict()
+
+
+def _two_sessions(data_dir: Path) -> None:
+    write_session(data_dir, "alice/s1.jsonl", [user_line("one"), user_line("two", ts="2026-11-01T10:01:00Z")])
+    write_session(data_dir, "bob/s2.jsonl", [user_line("three")])
+
+
+def test_first_run_processes_everything_and_records_state(data_dir: Path, db: Path) -> None:
+    _two_sessions(data_dir)
+    figures = _run(Recorder(), data_dir, db)
+    assert {k: figures[k] for k in ("scanned", "processed", "skipped", "errors", "items_extracted")} == {
+        "scanned": 2, "processed": 2, "skipped": 0, "errors": 0, "items_extracted": 3,
+    }
+    state = _rows(
+        db,
+        "SELECT session_file, username, items_extracted, status, attempts, processor_version, "
+        "size_bytes, file_hash IS NOT NULL FROM session_processor_state ORDER BY 1",
+    )
+    size = (data_dir / "alice/s1.jsonl").stat().st_size
+    assert state[0] == ("alice/s1.jsonl", "alice", 2, "ok", 0, "1", size, True)
+    assert _rows(db, "SELECT count(*) FROM recorder_rows") == [(3,)]
+    run = _rows(db, "SELECT processor_name, scanned, processed, errors FROM processor_runs")
+    assert run == [("recorder", 2, 2, 0)]
+
+
+def test_missing_data_dir_gives_all_zero_figures(tmp_path: Path, db: Path) -> None:
+    figures = _run(Recorder(), tmp_path / "absent", db)
+    assert figures["errors_detail"] == []
+    assert all(figures[k] == 0 for k in ("scanned", "processed", "skipped", "errors", "items_extracted"))
+
+
+def test_unchanged_files_are_never_opened(data_dir: Path, db: Path) -> None:
+    """Proved with a CPython audit hook: every open() of anything under the data dir is seen."""
+    _two_sessions(data_dir)
+    _run(Recorder(), data_dir, db)
+    opened: list[str] = []
+    watching = threading.Event()
+    root = str(data_dir)
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if watching.is_set() and event == "open" and isinstance(args[0], str | bytes | os.PathLike):
+            path = os.fsdecode(args[0])
+            if path.startswith(root) and path.endswith(".jsonl"):
+                opened.append(path)
+
+    sys.addaudithook(hook)
+    watching.set()
+    try:
+        proc = Recorder()
+        figures = _run(proc, data_dir, db)
+    finally:
+        watching.clear()
+    assert figures["skipped"] == 2 and figures["processed"] == 0
+    assert proc.seen == []
+    assert opened == []
+    # and the hook does see opens: a changed file is opened exactly once
+    write_session(data_dir, "bob/s2.jsonl", [user_line("three"), user_line("four")])
+    watching.set()
+    try:
+        _run(Recorder(), data_dir, db)
+    finally:
+        watching.clear()
+    assert opened == [str(data_dir / "bob/s2.jsonl")]
+
+
+def test_touch_does_not_reprocess(data_dir: Path, db: Path) -> None:
+    _two_sessions(data_dir)
+    _run(Recorder(), data_dir, db)
+    before = _rows(db, "SELECT session_file, processed_at, items_extracted FROM session_processor_state ORDER BY 1")
+    path = data_dir / "alice/s1.jsonl"
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    proc = Recorder()
+    figures = _run(proc, data_dir, db)
+    assert proc.seen == []
+    assert (figures["processed"], figures["skipped"]) == (0, 2)
+    assert _rows(db, "SELECT session_file, processed_at, items_extracted FROM session_processor_state ORDER BY 1") == before
+    # the new mtime is remembered: the next run does not even hash it
+    assert _rows(db, "SELECT mtime_ns FROM session_processor_state WHERE session_file = 'alice/s1.jsonl'") == [
+        (path.stat().st_mtime_ns,)
+    ]
+
+
+def test_changed_file_replaces_its_rows_exactly(data_dir: Path, db: Path) -> None:
+    _two_sessions(data_dir)
+    _run(Recorder(), data_dir, db)
+    write_session(data_dir, "alice/s1.jsonl", [user_line("only")])
+    figures = _run(Recorder(), data_dir, db)
+    assert (figures["processed"], figures["skipped"]) == (1, 1)
+    assert _rows(db, "SELECT session_file, text FROM recorder_rows ORDER BY 1, 2") == [
+        ("alice/s1.jsonl", "only"),
+        ("bob/s2.jsonl", "three"),
+    ]
+
+
+def test_append_during_processing_is_picked_up_next_run(data_dir: Path, db: Path) -> None:
+    path = write_session(data_dir, "alice/s1.jsonl", [user_line("one")])
+    proc = Recorder()
+
+    def append(session: Session) -> None:
+        with path.open("ab") as f:
+            f.write(b'{"type": "user", "message": {"content": "late"}}\n')
+
+    proc.during = append
+    _run(proc, data_dir, db)
+    assert _rows(db, "SELECT text FROM recorder_rows") == [("one",)]
+    proc.during = None
+    figures = _run(proc, data_dir, db)
+    assert figures["processed"] == 1
+    assert _rows(db, "SELECT text FROM recorder_rows ORDER BY line_no") == [("one",), ("late",)]
+
+
+def test_version_bump_reprocesses_that_processor_alone(data_dir: Path, db: Path) -> None:
+    class Other(Recorder):
+        name = "other"
+        tables = (Table("other_rows", (("session_file", "VARCHAR"), ("line_no", "INTEGER"), ("text", "VARCHAR"))),)
+
+        def process(self, session: Session) -> ProcessResult:
+            result = super().process(session)
+            return ProcessResult({"other_rows": result.rows["recorder_rows"]}, result.items)
+
+    _two_sessions(data_dir)
+    _run(Recorder("1"), data_dir, db)
+    _run(Other("1"), data_dir, db)
+    bumped, other = Recorder("2"), Other("1")
+    assert _run(bumped, data_dir, db)["processed"] == 2
+    assert _run(other, data_dir, db)["processed"] == 0
+    assert sorted(bumped.seen) == ["alice/s1.jsonl", "bob/s2.jsonl"] and other.seen == []
+    assert _rows(db, "SELECT DISTINCT processor_version FROM session_processor_state WHERE processor_name = 'recorder'") == [("2",)]
+    assert _rows(db, "SELECT count(*) FROM recorder_rows") == [(3,)]  # replaced, not duplicated
+
+
+def test_failure_keeps_old_rows_and_quarantine_then_release(data_dir: Path, db: Path) -> None:
+    from state.store import release
+
+    _two_sessions(data_dir)
+    _run(Recorder(), data_dir, db)
+    write_session(data_dir, "alice/s1.jsonl", [user_line("changed")])
+    proc = Recorder()
+    proc.fail = {"alice/s1.jsonl"}
+    for attempt in range(1, 4):
+        figures = _run(proc, data_dir, db, max_attempts=3)
+        assert figures["errors"] == 1
+        assert figures["errors_detail"][0]["session"] == "alice/s1.jsonl"
+        assert "RuntimeError: cannot handle alice/s1.jsonl" in figures["errors_detail"][0]["error"]
+        row = _rows(db, "SELECT attempts, status FROM session_processor_state WHERE session_file = 'alice/s1.jsonl'")
+        assert row == [(attempt, "failed" if attempt < 3 else "quarantined")]
+    assert "quarantined after 3 attempts" in figures["errors_detail"][0]["error"]
+    # the old rows survive every failure
+    assert _rows(db, "SELECT text FROM recorder_rows WHERE session_file = 'alice/s1.jsonl' ORDER BY 1") == [("one",), ("two",)]
+    # quarantined: left alone
+    proc.seen.clear()
+    figures = _run(proc, data_dir, db, max_attempts=3)
+    assert proc.seen == [] and figures["quarantined"] == 1 and figures["errors"] == 0
+    # released, and the processor fixed: processed again, rows replaced
+    with connect(db) as con:
+        assert release(con, "recorder", quarantined_only=True) == 1
+    figures = _run(Recorder(), data_dir, db, max_attempts=3)
+    assert figures["processed"] == 1 and figures["quarantined"] == 0
+    assert _rows(db, "SELECT text FROM recorder_rows WHERE session_file = 'alice/s1.jsonl'") == [("changed",)]
+
+
+def test_new_sessions_go_before_retries(data_dir: Path, db: Path) -> None:
+    write_session(data_dir, "alice/bad.jsonl", [user_line("x")])
+    proc = Recorder()
+    proc.fail = {"alice/bad.jsonl"}
+    _run(proc, data_dir, db)
+    write_session(data_dir, "alice/new.jsonl", [user_line("y")])
+    proc.seen.clear()
+    _run(proc, data_dir, db)
+    assert proc.seen == ["alice/new.jsonl", "alice/bad.jsonl"]
+
+
+def test_time_budget_defers_the_rest(data_dir: Path, db: Path) -> None:
+    for i in range(3):
+        write_session(data_dir, f"alice/s{i}.jsonl", [user_line(str(i))])
+    proc = Recorder()
+    proc.during = lambda session: __import__("time").sleep(0.6)
+    figures = run_direct(proc, data_dir, db, max_attempts=5, time_budget_seconds=1).as_dict()
+    assert figures["processed"] == 2 and figures["deferred"] == 1
+    proc.during = None
+    assert _run(proc, data_dir, db)["processed"] == 1
+
+
+def test_wrong_return_type_counts_as_zero_items_and_is_marked(data_dir: Path, db: Path) -> None:
+    class Sloppy(Recorder):
+        def process(self, session: Session) -> Any:
+            return 17
+
+    _two_sessions(data_dir)
+    figures = _run(Sloppy(), data_dir, db)
+    assert (figures["processed"], figures["items_extracted"], figures["errors"]) == (2, 0, 0)
+    assert _rows(db, "SELECT DISTINCT status, items_extracted FROM session_processor_state") == [("ok", 0)]
+
+
+def test_rows_that_do_not_fit_fail_that_session_only(data_dir: Path, db: Path) -> None:
+    class Bad(Recorder):
+        def process(self, session: Session) -> ProcessResult:
+            if session.username == "alice":
+                return ProcessResult({"recorder_rows": [{"session_file": session.key, "line_no": "x"}]})
+            return super().process(session)
+
+    _two_sessions(data_dir)
+    figures = _run(Bad(), data_dir, db)
+    assert (figures["processed"], figures["errors"]) == (1, 1)
+    assert "recorder_rows.line_no expects INTEGER" in figures["errors_detail"][0]["error"]
+
+
+def test_a_failed_commit_leaves_the_old_rows(data_dir: Path, db: Path) -> None:
+    """Delete and insert are one transaction: a failing insert rolls the delete back."""
+    from state.store import Outcome, commit_batch
+
+    _two_sessions(data_dir)
+    _run(Recorder(), data_dir, db)
+    bad = Outcome(
+        "alice/s1.jsonl", "processed", __import__("datetime").datetime.now(__import__("datetime").UTC),
+        1, 1, "h", columns={"recorder_rows": {"session_file": [None], "line_no": [1], "text": ["x"]}},
+    )
+    with connect(db) as con, pytest.raises(duckdb.ConstraintException):
+        commit_batch(con, Recorder(), [bad], 5)
+    assert _rows(db, "SELECT count(*) FROM recorder_rows WHERE session_file = 'alice/s1.jsonl'") == [(2,)]
+    assert _rows(db, "SELECT size_bytes <> 1 FROM session_processor_state WHERE session_file = 'alice/s1.jsonl'") == [(True,)]
+
+
+def test_output_schema_change_rebuilds_and_reprocesses(data_dir: Path, db: Path) -> None:
+    class Wider(Recorder):
+        tables = (
+            Table(
+                "recorder_rows",
+                (("session_file", "VARCHAR NOT NULL"), ("line_no", "INTEGER"), ("text", "VARCHAR"), ("extra", "VARCHAR")),
+            ),
+        )
+
+    _two_sessions(data_dir)
+    _run(Recorder(), data_dir, db)
+    figures = _run(Wider(), data_dir, db)
+    assert figures["processed"] == 2
+    assert _rows(db, "SELECT count(*), count(extra) FROM recorder_rows") == [(3, 0)]
+
+
+def test_files_vanishing_between_scan_and_read_fail_with_a_reason(data_dir: Path, db: Path) -> None:
+    _two_sessions(data_dir)
+    from flows import pipeline
+
+    original = pipeline.prepare
+
+    def prepare_then_delete(*args: Any, **kwargs: Any) -> Any:
+        the_plan = original(*args, **kwargs)
+        (data_dir / "bob/s2.jsonl").unlink()
+        return the_plan
+
+    pipeline.prepare = prepare_then_delete  # type: ignore[assignment]
+    try:
+        figures = _run(Recorder(), data_dir, db)
+    finally:
+        pipeline.prepare = original  # type: ignore[assignment]
+    assert (figures["processed"], figures["errors"]) == (1, 1)
+    assert figures["errors_detail"][0]["error"].startswith("FileNotFoundError")
