@@ -31,7 +31,9 @@ from state.db import StateError
 from state.plan import Candidate
 from state.store import Outcome, RunFigures
 
-LOCK_WAIT_SECONDS = 5.0
+# How long a run waits for its processor's slot before refusing. Generous because acquiring
+# goes through the Prefect API, which can be slow under load (SQLite contention on the server).
+LOCK_WAIT_SECONDS = 30.0
 
 
 class ProcessorBusyError(RuntimeError):

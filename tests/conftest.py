@@ -31,7 +31,9 @@ def write_session(data_dir: Path, key: str, lines: list[Any], *, newline: bool =
     return path
 
 
-def user_line(text: str, session_id: str = "s1", ts: str = "2026-11-01T10:00:00Z") -> dict[str, Any]:
+def user_line(
+    text: str, session_id: str = "s1", ts: str = "2026-11-01T10:00:00Z"
+) -> dict[str, Any]:
     return {
         "type": "user",
         "uuid": f"u-{abs(hash((text, ts)))}",
@@ -72,3 +74,30 @@ def linecount(test_plugins: Path) -> Any:
     from processors import registry
 
     return registry.get("linecount")
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """A real Prefect server (subprocess, temporary SQLite) for end-to-end tests; heartbeats
+    off so a flow run has no 1 s floor. Yields the API URL for subprocesses."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    with (
+        prefect_test_harness(server_startup_timeout=120),
+        temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+    ):
+        url = PREFECT_API_URL.value()
+        assert url
+        yield url
+
+
+def subprocess_env(api_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({"PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    env.update(extra)
+    return env

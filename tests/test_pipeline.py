@@ -44,7 +44,11 @@ class Recorder:
         if self.during:
             self.during(session)
         rows = [
-            {"session_file": session.key, "line_no": i, "text": line.get("message", {}).get("content")}
+            {
+                "session_file": session.key,
+                "line_no": i,
+                "text": line.get("message", {}).get("content"),
+            }
             for i, line in enumerate(session.lines(), 1)
         ]
         return ProcessResult({"recorder_rows": rows}, items=len(rows))
@@ -60,15 +64,23 @@ def _run(proc: Any, data_dir: Path, db: Path, max_attempts: int = 5) -> dict[str
 
 
 def _two_sessions(data_dir: Path) -> None:
-    write_session(data_dir, "alice/s1.jsonl", [user_line("one"), user_line("two", ts="2026-11-01T10:01:00Z")])
+    write_session(
+        data_dir, "alice/s1.jsonl", [user_line("one"), user_line("two", ts="2026-11-01T10:01:00Z")]
+    )
     write_session(data_dir, "bob/s2.jsonl", [user_line("three")])
 
 
 def test_first_run_processes_everything_and_records_state(data_dir: Path, db: Path) -> None:
     _two_sessions(data_dir)
     figures = _run(Recorder(), data_dir, db)
-    assert {k: figures[k] for k in ("scanned", "processed", "skipped", "errors", "items_extracted")} == {
-        "scanned": 2, "processed": 2, "skipped": 0, "errors": 0, "items_extracted": 3,
+    assert {
+        k: figures[k] for k in ("scanned", "processed", "skipped", "errors", "items_extracted")
+    } == {
+        "scanned": 2,
+        "processed": 2,
+        "skipped": 0,
+        "errors": 0,
+        "items_extracted": 3,
     }
     state = _rows(
         db,
@@ -85,7 +97,9 @@ def test_first_run_processes_everything_and_records_state(data_dir: Path, db: Pa
 def test_missing_data_dir_gives_all_zero_figures(tmp_path: Path, db: Path) -> None:
     figures = _run(Recorder(), tmp_path / "absent", db)
     assert figures["errors_detail"] == []
-    assert all(figures[k] == 0 for k in ("scanned", "processed", "skipped", "errors", "items_extracted"))
+    assert all(
+        figures[k] == 0 for k in ("scanned", "processed", "skipped", "errors", "items_extracted")
+    )
 
 
 def test_unchanged_files_are_never_opened(data_dir: Path, db: Path) -> None:
@@ -125,7 +139,10 @@ def test_unchanged_files_are_never_opened(data_dir: Path, db: Path) -> None:
 def test_touch_does_not_reprocess(data_dir: Path, db: Path) -> None:
     _two_sessions(data_dir)
     _run(Recorder(), data_dir, db)
-    before = _rows(db, "SELECT session_file, processed_at, items_extracted FROM session_processor_state ORDER BY 1")
+    before = _rows(
+        db,
+        "SELECT session_file, processed_at, items_extracted FROM session_processor_state ORDER BY 1",
+    )
     path = data_dir / "alice/s1.jsonl"
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
@@ -133,11 +150,17 @@ def test_touch_does_not_reprocess(data_dir: Path, db: Path) -> None:
     figures = _run(proc, data_dir, db)
     assert proc.seen == []
     assert (figures["processed"], figures["skipped"]) == (0, 2)
-    assert _rows(db, "SELECT session_file, processed_at, items_extracted FROM session_processor_state ORDER BY 1") == before
+    assert (
+        _rows(
+            db,
+            "SELECT session_file, processed_at, items_extracted FROM session_processor_state ORDER BY 1",
+        )
+        == before
+    )
     # the new mtime is remembered: the next run does not even hash it
-    assert _rows(db, "SELECT mtime_ns FROM session_processor_state WHERE session_file = 'alice/s1.jsonl'") == [
-        (path.stat().st_mtime_ns,)
-    ]
+    assert _rows(
+        db, "SELECT mtime_ns FROM session_processor_state WHERE session_file = 'alice/s1.jsonl'"
+    ) == [(path.stat().st_mtime_ns,)]
 
 
 def test_changed_file_replaces_its_rows_exactly(data_dir: Path, db: Path) -> None:
@@ -172,7 +195,12 @@ def test_append_during_processing_is_picked_up_next_run(data_dir: Path, db: Path
 def test_version_bump_reprocesses_that_processor_alone(data_dir: Path, db: Path) -> None:
     class Other(Recorder):
         name = "other"
-        tables = (Table("other_rows", (("session_file", "VARCHAR"), ("line_no", "INTEGER"), ("text", "VARCHAR"))),)
+        tables = (
+            Table(
+                "other_rows",
+                (("session_file", "VARCHAR"), ("line_no", "INTEGER"), ("text", "VARCHAR")),
+            ),
+        )
 
         def process(self, session: Session) -> ProcessResult:
             result = super().process(session)
@@ -185,7 +213,10 @@ def test_version_bump_reprocesses_that_processor_alone(data_dir: Path, db: Path)
     assert _run(bumped, data_dir, db)["processed"] == 2
     assert _run(other, data_dir, db)["processed"] == 0
     assert sorted(bumped.seen) == ["alice/s1.jsonl", "bob/s2.jsonl"] and other.seen == []
-    assert _rows(db, "SELECT DISTINCT processor_version FROM session_processor_state WHERE processor_name = 'recorder'") == [("2",)]
+    assert _rows(
+        db,
+        "SELECT DISTINCT processor_version FROM session_processor_state WHERE processor_name = 'recorder'",
+    ) == [("2",)]
     assert _rows(db, "SELECT count(*) FROM recorder_rows") == [(3,)]  # replaced, not duplicated
 
 
@@ -202,11 +233,16 @@ def test_failure_keeps_old_rows_and_quarantine_then_release(data_dir: Path, db: 
         assert figures["errors"] == 1
         assert figures["errors_detail"][0]["session"] == "alice/s1.jsonl"
         assert "RuntimeError: cannot handle alice/s1.jsonl" in figures["errors_detail"][0]["error"]
-        row = _rows(db, "SELECT attempts, status FROM session_processor_state WHERE session_file = 'alice/s1.jsonl'")
+        row = _rows(
+            db,
+            "SELECT attempts, status FROM session_processor_state WHERE session_file = 'alice/s1.jsonl'",
+        )
         assert row == [(attempt, "failed" if attempt < 3 else "quarantined")]
     assert "quarantined after 3 attempts" in figures["errors_detail"][0]["error"]
     # the old rows survive every failure
-    assert _rows(db, "SELECT text FROM recorder_rows WHERE session_file = 'alice/s1.jsonl' ORDER BY 1") == [("one",), ("two",)]
+    assert _rows(
+        db, "SELECT text FROM recorder_rows WHERE session_file = 'alice/s1.jsonl' ORDER BY 1"
+    ) == [("one",), ("two",)]
     # quarantined: left alone
     proc.seen.clear()
     figures = _run(proc, data_dir, db, max_attempts=3)
@@ -216,7 +252,9 @@ def test_failure_keeps_old_rows_and_quarantine_then_release(data_dir: Path, db: 
         assert release(con, "recorder", quarantined_only=True) == 1
     figures = _run(Recorder(), data_dir, db, max_attempts=3)
     assert figures["processed"] == 1 and figures["quarantined"] == 0
-    assert _rows(db, "SELECT text FROM recorder_rows WHERE session_file = 'alice/s1.jsonl'") == [("changed",)]
+    assert _rows(db, "SELECT text FROM recorder_rows WHERE session_file = 'alice/s1.jsonl'") == [
+        ("changed",)
+    ]
 
 
 def test_new_sessions_go_before_retries(data_dir: Path, db: Path) -> None:
@@ -249,14 +287,18 @@ def test_wrong_return_type_counts_as_zero_items_and_is_marked(data_dir: Path, db
     _two_sessions(data_dir)
     figures = _run(Sloppy(), data_dir, db)
     assert (figures["processed"], figures["items_extracted"], figures["errors"]) == (2, 0, 0)
-    assert _rows(db, "SELECT DISTINCT status, items_extracted FROM session_processor_state") == [("ok", 0)]
+    assert _rows(db, "SELECT DISTINCT status, items_extracted FROM session_processor_state") == [
+        ("ok", 0)
+    ]
 
 
 def test_rows_that_do_not_fit_fail_that_session_only(data_dir: Path, db: Path) -> None:
     class Bad(Recorder):
         def process(self, session: Session) -> ProcessResult:
             if session.username == "alice":
-                return ProcessResult({"recorder_rows": [{"session_file": session.key, "line_no": "x"}]})
+                return ProcessResult(
+                    {"recorder_rows": [{"session_file": session.key, "line_no": "x"}]}
+                )
             return super().process(session)
 
     _two_sessions(data_dir)
@@ -272,13 +314,23 @@ def test_a_failed_commit_leaves_the_old_rows(data_dir: Path, db: Path) -> None:
     _two_sessions(data_dir)
     _run(Recorder(), data_dir, db)
     bad = Outcome(
-        "alice/s1.jsonl", "processed", __import__("datetime").datetime.now(__import__("datetime").UTC),
-        1, 1, "h", columns={"recorder_rows": {"session_file": [None], "line_no": [1], "text": ["x"]}},
+        "alice/s1.jsonl",
+        "processed",
+        __import__("datetime").datetime.now(__import__("datetime").UTC),
+        1,
+        1,
+        "h",
+        columns={"recorder_rows": {"session_file": [None], "line_no": [1], "text": ["x"]}},
     )
     with connect(db) as con, pytest.raises(duckdb.ConstraintException):
         commit_batch(con, Recorder(), [bad], 5)
-    assert _rows(db, "SELECT count(*) FROM recorder_rows WHERE session_file = 'alice/s1.jsonl'") == [(2,)]
-    assert _rows(db, "SELECT size_bytes <> 1 FROM session_processor_state WHERE session_file = 'alice/s1.jsonl'") == [(True,)]
+    assert _rows(
+        db, "SELECT count(*) FROM recorder_rows WHERE session_file = 'alice/s1.jsonl'"
+    ) == [(2,)]
+    assert _rows(
+        db,
+        "SELECT size_bytes <> 1 FROM session_processor_state WHERE session_file = 'alice/s1.jsonl'",
+    ) == [(True,)]
 
 
 def test_output_schema_change_rebuilds_and_reprocesses(data_dir: Path, db: Path) -> None:
@@ -286,7 +338,12 @@ def test_output_schema_change_rebuilds_and_reprocesses(data_dir: Path, db: Path)
         tables = (
             Table(
                 "recorder_rows",
-                (("session_file", "VARCHAR NOT NULL"), ("line_no", "INTEGER"), ("text", "VARCHAR"), ("extra", "VARCHAR")),
+                (
+                    ("session_file", "VARCHAR NOT NULL"),
+                    ("line_no", "INTEGER"),
+                    ("text", "VARCHAR"),
+                    ("extra", "VARCHAR"),
+                ),
             ),
         )
 

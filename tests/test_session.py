@@ -35,7 +35,9 @@ def test_last_line_without_newline_is_left_for_the_next_run(tmp_path: Path) -> N
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()  # the hash covers all bytes
 
 
-def test_a_line_longer_than_a_chunk_is_joined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_line_longer_than_a_chunk_is_joined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(session_module, "CHUNK_BYTES", 64)
     path = tmp_path / "s.jsonl"
     big = "x" * 1000
@@ -88,7 +90,9 @@ def test_a_file_that_shrinks_while_read_is_an_error(tmp_path: Path) -> None:
         ("name with space/é ü.jsonl", "name with space", "é ü", None),
     ],
 )
-def test_identity_from_key(key: str, username: str, session_id: str | None, agent_id: str | None) -> None:
+def test_identity_from_key(
+    key: str, username: str, session_id: str | None, agent_id: str | None
+) -> None:
     identity = SessionIdentity.from_key(key)
     assert (identity.username, identity.session_id, identity.agent_id) == (
         username,

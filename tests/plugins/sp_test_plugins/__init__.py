@@ -54,7 +54,11 @@ class _Disabled(LineCount):
     tables = ()
 
     def unavailable_reason(self) -> str | None:
-        return "SP_TEST_DISABLED_KEY is not set" if not os.environ.get("SP_TEST_DISABLED_KEY") else None
+        return (
+            "SP_TEST_DISABLED_KEY is not set"
+            if not os.environ.get("SP_TEST_DISABLED_KEY")
+            else None
+        )
 
 
 def make_disabled() -> _Disabled:

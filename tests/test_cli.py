@@ -1,0 +1,165 @@
+"""Every error a user can cause is one line and a non-zero exit; nothing stored is touched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from state.db import connect
+from state.migrations import migrate
+
+
+def _call(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        ((), 2, "the following arguments are required: command"),
+        (("frobnicate",), 2, "invalid choice: 'frobnicate'"),
+        (("run",), 2, "give a processor name or --all"),
+        (("run", "usage", "--all"), 2, "give a processor name or --all"),
+        (("run", "usage", "--max-attempts", "0"), 2, "expected a positive integer, got '0'"),
+        (("run", "usage", "--time-budget", "soon"), 2, "expected a positive integer, got 'soon'"),
+        (("run", "nope"), 1, "Unknown processor 'nope'. Known: usage"),
+        (("reprocess", "nope"), 1, "Unknown processor 'nope'. Known: usage"),
+        (("status", "--bogus"), 2, "unrecognized arguments: --bogus"),
+    ],
+)
+def test_argument_errors(
+    capsys: pytest.CaptureFixture[str], db: Path, argv: tuple[str, ...], code: int, message: str
+) -> None:
+    extra = ("--db", str(db)) if argv and argv[0] in ("run", "reprocess") and code == 1 else ()
+    got, _, err = _call(capsys, *argv, *extra)
+    assert got == code
+    assert message in _one_line_error(err)
+    assert not db.exists()
+
+
+def test_data_dir_that_is_a_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, db: Path
+) -> None:
+    not_dir = tmp_path / "file"
+    not_dir.write_text("x")
+    code, _, err = _call(capsys, "run", "usage", "--data-dir", str(not_dir), "--db", str(db))
+    assert code == 1
+    assert _one_line_error(err).endswith(f"data dir {not_dir} is not a directory")
+
+
+def test_db_that_is_not_duckdb_is_left_alone(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path
+) -> None:
+    fake = tmp_path / "notes.duckdb"
+    fake.write_text("my precious notes\n" * 100)
+    before = fake.read_bytes()
+    for argv in (
+        ("run", "usage", "--data-dir", str(data_dir)),
+        ("status",),
+        ("migrate",),
+        ("reprocess", "usage"),
+    ):
+        code, _, err = _call(capsys, *argv, "--db", str(fake))
+        assert code == 1
+        assert _one_line_error(err).endswith(f"{fake} is not a DuckDB database")
+    assert fake.read_bytes() == before
+
+
+def test_db_that_is_a_directory(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = _call(capsys, "status", "--db", str(tmp_path))
+    assert code == 1
+    assert "is a directory" in _one_line_error(err)
+
+
+@pytest.mark.parametrize("value", ["", "three", "0", "-1"])
+def test_bad_max_attempts_environment(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    data_dir: Path,
+    db: Path,
+    value: str,
+) -> None:
+    monkeypatch.setenv("SESSION_PIPELINE_MAX_ATTEMPTS", value)
+    code, _, err = _call(capsys, "run", "usage", "--data-dir", str(data_dir), "--db", str(db))
+    assert code == 1
+    assert "SESSION_PIPELINE_MAX_ATTEMPTS must be a positive integer" in _one_line_error(err)
+
+
+def test_processors_lists_enabled_and_why_not(
+    capsys: pytest.CaptureFixture[str], test_plugins: Path
+) -> None:
+    code, out, _ = _call(capsys, "processors", "--json")
+    assert code == 0
+    listed = {p["name"]: p for p in json.loads(out)}
+    assert listed["usage"] == {
+        "name": "usage",
+        "version": listed["usage"]["version"],
+        "cadence_seconds": 600,
+        "enabled": True,
+        "reason": None,
+    }
+    assert listed["disabled"]["enabled"] is False
+    assert "SP_TEST_DISABLED_KEY" in listed["disabled"]["reason"]
+    assert listed["broken"]["reason"].startswith("failed to load")
+    code, out, _ = _call(capsys, "processors")
+    assert "disabled: failed to load" in out and "600s" in out
+
+
+def test_migrate_status_and_reprocess(capsys: pytest.CaptureFixture[str], db: Path) -> None:
+    code, out, _ = _call(capsys, "migrate", "--db", str(db))
+    assert code == 0 and "applied" in out
+    code, out, _ = _call(capsys, "migrate", "--db", str(db))
+    assert code == 0 and "up to date" in out
+    with connect(db) as con:
+        migrate(con)
+        con.execute(
+            "INSERT INTO session_processor_state (processor_name, session_file, username, "
+            "file_hash, processor_version, status, attempts) VALUES "
+            "('usage', 'alice/a.jsonl', 'alice', 'h', '1', 'quarantined', 5), "
+            "('usage', 'bob/b.jsonl', 'bob', 'h', '1', 'ok', 0)"
+        )
+    code, out, _ = _call(capsys, "status", "--db", str(db), "--json")
+    (usage,) = [s for s in json.loads(out) if s["processor"] == "usage"]
+    assert (usage["known"], usage["processed"], usage["quarantined"]) == (2, 1, 1)
+    code, out, _ = _call(capsys, "reprocess", "usage", "--quarantined", "--db", str(db))
+    assert code == 0 and out.startswith("1 session(s) of usage")
+    code, out, _ = _call(capsys, "reprocess", "usage", "--user", "bob", "--db", str(db))
+    assert out.startswith("1 session(s)")
+    code, out, _ = _call(
+        capsys, "reprocess", "usage", "--session", "zed/none.jsonl", "--db", str(db)
+    )
+    assert out.startswith("0 session(s)")
+    code, out, _ = _call(capsys, "status", "--db", str(db))
+    assert code == 0 and "usage" in out and "never" in out
+
+
+def test_the_installed_command_prints_one_line(tmp_path: Path) -> None:
+    """The real console script in a real process: no traceback, exit 1."""
+    exe = Path(sys.executable).with_name("session-pipeline")
+    result = subprocess.run(
+        [str(exe), "run", "nope", "--db", str(tmp_path / "x.duckdb")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip() == "session-pipeline: error: Unknown processor 'nope'. Known: usage"
+    )

@@ -1,0 +1,180 @@
+"""Real flows on a real Prefect server, writing real DuckDB files."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flows import processor_flow
+from flows.cli import main
+from flows.pipeline import MAX_TASK_RUNS
+from flows.processor_flow import RunRefused, limit_name, run
+from state.db import connect
+from tests.conftest import EXAMPLES, subprocess_env, user_line, write_session
+
+pytestmark = pytest.mark.e2e
+
+
+def _rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    with connect(db) as con:
+        return con.execute(sql).fetchall()
+
+
+def _flow_run(flow_run_id: str) -> Any:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def test_usage_flow_on_the_samples(prefect_api: str, tmp_path: Path, db: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    data_dir = tmp_path / "sessions"
+    shutil.copytree(EXAMPLES, data_dir)
+    figures = run("usage", data_dir, db)
+    assert figures["scanned"] == 7 and figures["processed"] == 7 and figures["errors"] == 0
+    assert figures["items_extracted"] > 0
+    (flow_run_id,) = _rows(db, "SELECT flow_run_id FROM processor_runs")[0]
+    flow_run = _flow_run(flow_run_id)
+    assert flow_run.state.is_completed()
+    assert flow_run.name.startswith("usage-")
+    assert {"session-pipeline", "processor:usage"} <= set(flow_run.tags)
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["usage-run-figures"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
+        )
+        assert len(artifacts) == 1 and '"processed"' in str(artifacts[0].data)
+        limit = client.read_global_concurrency_limit_by_name(limit_name("usage"))
+        assert limit.limit == 1 and limit.active_slots == 0
+        flow = client.read_flow(flow_run.flow_id)
+        assert flow.name == "usage-processor"
+    # a second run finds nothing to do, and says so
+    again = run("usage", data_dir, db)
+    assert (again["processed"], again["skipped"]) == (0, 7)
+
+
+def test_a_failing_session_does_not_fail_the_run(
+    prefect_api: str, linecount: Any, data_dir: Path, db: Path
+) -> None:
+    write_session(data_dir, "alice/good.jsonl", [user_line("fine")])
+    write_session(data_dir, "alice/bad.jsonl", [user_line("x"), {"poison": True}])
+    figures = run("linecount", data_dir, db)
+    assert (figures["processed"], figures["errors"]) == (1, 1)
+    assert figures["errors_detail"][0]["session"] == "alice/bad.jsonl"
+    assert "ValueError: poison line 2" in figures["errors_detail"][0]["error"]
+
+
+def test_a_big_backlog_is_batched(
+    prefect_api: str, linecount: Any, data_dir: Path, db: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    for i in range(450):
+        write_session(data_dir, f"u{i % 7}/s{i}.jsonl", [user_line(str(i))])
+    figures = run("linecount", data_dir, db)
+    assert figures["processed"] == 450
+    (flow_run_id,) = _rows(db, "SELECT flow_run_id FROM processor_runs")[0]
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    assert 1 < len(task_runs) <= MAX_TASK_RUNS
+    assert _rows(db, "SELECT count(*), count(DISTINCT session_file) FROM linecount_lines") == [
+        (450, 450)
+    ]
+
+
+def test_a_second_run_of_the_same_processor_is_refused(
+    prefect_api: str, monkeypatch: pytest.MonkeyPatch, data_dir: Path, db: Path
+) -> None:
+    from prefect.concurrency.sync import concurrency
+
+    monkeypatch.setattr(processor_flow, "LOCK_WAIT_SECONDS", 1.0)
+    write_session(data_dir, "alice/s.jsonl", [user_line("x")])
+    run("usage", data_dir, db)  # creates the limit
+    with (
+        concurrency(limit_name("usage"), occupy=1, strict=True),
+        pytest.raises(RunRefused, match="Processor 'usage' is already running"),
+    ):
+        run("usage", data_dir, db)
+    assert _rows(db, "SELECT count(*) FROM processor_runs") == [(1,)]
+
+
+def test_cli_run_all_prints_the_figures(
+    prefect_api: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, db: Path
+) -> None:
+    data_dir = tmp_path / "sessions"
+    shutil.copytree(EXAMPLES, data_dir)
+    assert main(["run", "--all", "--data-dir", str(data_dir), "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == [
+        "processor",
+        "scanned",
+        "processed",
+        "skipped",
+        "errors",
+        "quarantined",
+        "items",
+    ]
+    assert out.splitlines()[2].split()[:3] == ["usage", "7", "7"]
+
+
+def test_two_processors_in_two_processes_at_once(
+    prefect_api: str, linecount: Any, data_dir: Path, db: Path
+) -> None:
+    """Both finish although they share one DuckDB file, and `status` answers meanwhile."""
+    for i in range(30):
+        write_session(data_dir, f"u{i % 3}/s{i}.jsonl", [user_line(str(i)), user_line("more")])
+    exe = str(Path(sys.executable).with_name("session-pipeline"))
+    env = subprocess_env(prefect_api, SP_TEST_SLEEP="0.1")
+    args = ["--data-dir", str(data_dir), "--db", str(db), "--json"]
+    procs = [
+        subprocess.Popen(
+            [exe, "run", name, *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("usage", "linecount")
+    ]
+    statuses = 0
+    deadline = time.monotonic() + 240
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        status = subprocess.run(
+            [exe, "status", "--db", str(db)], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert status.returncode == 0, status.stderr
+        statuses += 1
+        time.sleep(0.2)
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    assert statuses >= 1
+    assert _rows(
+        db,
+        "SELECT processor_name, count(*) FROM session_processor_state WHERE status = 'ok' GROUP BY 1 ORDER BY 1",
+    ) == [
+        ("linecount", 30),
+        ("usage", 30),
+    ]
+    assert _rows(db, "SELECT count(*) FROM linecount_lines") == [(60,)]
+    assert _rows(db, "SELECT processor_name FROM processor_runs ORDER BY 1") == [
+        ("linecount",),
+        ("usage",),
+    ]

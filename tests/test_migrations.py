@@ -1,0 +1,74 @@
+"""Migrations are versioned and idempotent, and adopt what the old system left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from state.db import connect
+from state.migrations import LATEST, migrate
+
+
+def test_fresh_install_then_noop(db: Path) -> None:
+    with connect(db) as con:
+        assert len(migrate(con)) == LATEST
+        assert migrate(con) == []
+        tables = {
+            r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+        }
+    assert {"session_processor_state", "processor_runs", "schema_migrations"} <= tables
+    assert "session_extraction_state" not in tables
+
+
+def test_old_tables_are_adopted_and_imported_once(db: Path) -> None:
+    db.parent.mkdir(parents=True)
+    con = duckdb.connect(str(db))
+    con.execute(
+        """CREATE TABLE session_processor_state (processor_name VARCHAR, session_file VARCHAR,
+           username VARCHAR, processed_at TIMESTAMP, items_extracted INTEGER, file_hash VARCHAR,
+           PRIMARY KEY (processor_name, session_file))"""
+    )
+    con.execute(
+        "INSERT INTO session_processor_state VALUES ('usage', 'alice/a.jsonl', 'alice', now(), 4, 'h1')"
+    )
+    con.execute(
+        """CREATE TABLE session_extraction_state (session_file VARCHAR, username VARCHAR,
+           processed_at TIMESTAMP, items_extracted INTEGER, file_hash VARCHAR)"""
+    )
+    con.execute(
+        "INSERT INTO session_extraction_state VALUES "
+        "('alice/a.jsonl', 'alice', now(), 2, 'h2'), ('bob/b.jsonl', 'bob', now(), 0, 'h3')"
+    )
+    con.close()
+    with connect(db) as con:
+        migrate(con)
+        assert migrate(con) == []
+        rows = con.execute(
+            "SELECT processor_name, session_file, items_extracted, file_hash, status, attempts "
+            "FROM session_processor_state ORDER BY 1, 2"
+        ).fetchall()
+    assert rows == [
+        ("usage", "alice/a.jsonl", 4, "h1", "ok", 0),
+        ("verification", "alice/a.jsonl", 2, "h2", "ok", 0),
+        ("verification", "bob/b.jsonl", 0, "h3", "ok", 0),
+    ]
+
+
+def test_import_does_not_overwrite_existing_verification_rows(db: Path) -> None:
+    with connect(db) as con:
+        migrate(con)
+        con.execute(
+            "INSERT INTO session_processor_state (processor_name, session_file, items_extracted) "
+            "VALUES ('verification', 'alice/a.jsonl', 9)"
+        )
+        con.execute(
+            "CREATE TABLE session_extraction_state (session_file VARCHAR, items_extracted INTEGER)"
+        )
+        con.execute("INSERT INTO session_extraction_state VALUES ('alice/a.jsonl', 1)")
+        from state.migrations import _import_extraction_state
+
+        _import_extraction_state(con)
+        assert con.execute(
+            "SELECT items_extracted, username FROM session_processor_state"
+        ).fetchall() == [(9, None)]
