@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -93,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate_cmd = commands.add_parser("migrate", help="create or upgrade the state database")
     _paths(migrate_cmd)
+
+    query = commands.add_parser("query", help="run a read-only SQL query on the state database")
+    query.add_argument("sql", help='e.g. "SELECT tool_name, count(*) FROM usage_events GROUP BY 1"')
+    query.add_argument("--json", action="store_true", help="print rows as JSON objects")
+    _paths(query)
     return parser
 
 
@@ -112,6 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import check_data_dir
     from flows.processor_flow import run
 
+    # The local server Prefect starts on its own would otherwise try to phone home.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if args.all == bool(args.processor):
         raise _UsageError("give a processor name or --all, not both or neither")
     data_dir, db = config.data_dir(args.data_dir), config.db_path(args.db)
@@ -229,6 +237,27 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    import duckdb
+
+    with connect(config.db_path(args.db), read_only=True) as con:
+        try:
+            cursor = con.execute(args.sql)
+        except duckdb.Error as error:
+            raise _QueryError(str(error).splitlines()[0]) from None
+        header = [d[0] for d in cursor.description or []]
+        rows = cursor.fetchall()
+    if args.json:
+        print(json.dumps([dict(zip(header, r, strict=True)) for r in rows], default=str, indent=2))
+    elif header:
+        print(_table(rows, header))
+    return 0
+
+
+class _QueryError(Exception):
+    pass
+
+
 class _UsageError(Exception):
     pass
 
@@ -239,6 +268,7 @@ COMMANDS = {
     "reprocess": cmd_reprocess,
     "processors": cmd_processors,
     "migrate": cmd_migrate,
+    "query": cmd_query,
 }
 
 
@@ -257,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         StateError,
         registry.UnknownProcessorError,
         RunRefused,
+        _QueryError,
     ) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return EXIT_ERROR

@@ -10,7 +10,6 @@ process's lock backs off and retries until `SESSION_PIPELINE_DB_LOCK_TIMEOUT` se
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -35,15 +34,18 @@ def _is_lock_conflict(error: duckdb.Error) -> bool:
 
 @contextmanager
 def connect(
-    path: Path, *, lock_timeout: float | None = None
+    path: Path, *, lock_timeout: float | None = None, read_only: bool = False
 ) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open the state database for one unit of work, creating parent folders."""
+    """Open the state database for one unit of work, creating parent folders (read-only:
+    the database must exist, and nothing can be changed through the connection)."""
     if lock_timeout is None:
         lock_timeout = positive_int(
             "SESSION_PIPELINE_DB_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_SECONDS
         )
     if path.exists() and path.is_dir():
         raise StateError(f"state database {path} is a directory, not a DuckDB file")
+    if read_only and not path.exists():
+        raise StateError(f"state database {path} does not exist yet; run a processor first")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -52,7 +54,7 @@ def connect(
     delay = 0.02
     while True:
         try:
-            con = duckdb.connect(str(path))
+            con = duckdb.connect(str(path), read_only=read_only)
             break
         except duckdb.Error as error:
             if not _is_lock_conflict(error):
@@ -90,7 +92,3 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
         con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
-
-
-def exists(path: Path) -> bool:
-    return os.path.isfile(path)

@@ -163,3 +163,18 @@ def test_the_installed_command_prints_one_line(tmp_path: Path) -> None:
     assert (
         result.stderr.strip() == "session-pipeline: error: Unknown processor 'nope'. Known: usage"
     )
+
+
+def test_query(capsys: pytest.CaptureFixture[str], db: Path) -> None:
+    code, _, err = _call(capsys, "query", "SELECT 1", "--db", str(db))
+    assert code == 1 and "does not exist yet" in _one_line_error(err)
+    _call(capsys, "migrate", "--db", str(db))
+    code, out, _ = _call(capsys, "query", "SELECT 41 + 1 AS answer", "--db", str(db), "--json")
+    assert code == 0 and json.loads(out) == [{"answer": 42}]
+    code, out, _ = _call(capsys, "query", "SELECT 'x' AS a, NULL AS b", "--db", str(db))
+    assert out.splitlines()[0].split() == ["a", "b"]
+    code, _, err = _call(capsys, "query", "SELEC nonsense", "--db", str(db))
+    assert code == 1 and "syntax error" in _one_line_error(err)
+    code, _, err = _call(capsys, "query", "DROP TABLE processor_runs", "--db", str(db))
+    assert code == 1 and "read-only" in _one_line_error(err)
+    assert _call(capsys, "query", "SELECT count(*) FROM processor_runs", "--db", str(db))[0] == 0
