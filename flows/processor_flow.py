@@ -119,6 +119,8 @@ def run_processor(
                     for c in batch_of[id(future)]
                 ]
             tally.add(outcomes, commit(db_path, processor, outcomes, attempts), attempts)
+            for outcome in outcomes:  # the future keeps its result: let the rows go
+                outcome.columns = {}
         figures = tally.finish(len(the_plan.candidates))
         flow_run_id = flow_run.get_id()
         record(db_path, processor, tally, flow_run_id)
