@@ -143,17 +143,19 @@ def commit(
         return store.commit_batch(con, processor, outcomes, max_attempts)
 
 
-def record(db: Path, processor: Processor, tally: Tally, flow_run_id: str | None = None) -> None:
+def start(db: Path, processor: Processor, tally: Tally, flow_run_id: str | None = None) -> str:
+    """Enter the run in the ledger; its id is the flow run's when there is one."""
+    run_id = flow_run_id or str(uuid.uuid4())
     with connect(db) as con:
-        store.record_run(
-            con,
-            flow_run_id or str(uuid.uuid4()),
-            tally.figures,
-            version=str(processor.version),
-            started_at=tally.started_at,
-            finished_at=datetime.now(UTC),
-            flow_run_id=flow_run_id,
+        store.start_run(
+            con, run_id, processor, started_at=tally.started_at, flow_run_id=flow_run_id
         )
+    return run_id
+
+
+def finish(db: Path, run_id: str, figures: RunFigures | None, status: str = "completed") -> None:
+    with connect(db) as con:
+        store.finish_run(con, run_id, figures, finished_at=datetime.now(UTC), status=status)
 
 
 def deadline_for(time_budget_seconds: float | None) -> float | None:
@@ -174,9 +176,14 @@ def run_direct(
     deadline = deadline_for(time_budget_seconds)
     the_plan = prepare(processor, data_dir, db)
     tally = Tally.start(processor, the_plan)
-    for batch in batches(the_plan.candidates):
-        outcomes = process_batch(processor, batch, deadline)
-        tally.add(outcomes, commit(db, processor, outcomes, max_attempts), max_attempts)
+    run_id = start(db, processor, tally)
+    try:
+        for batch in batches(the_plan.candidates):
+            outcomes = process_batch(processor, batch, deadline)
+            tally.add(outcomes, commit(db, processor, outcomes, max_attempts), max_attempts)
+    except BaseException:
+        finish(db, run_id, None, status="failed")
+        raise
     figures = tally.finish(len(the_plan.candidates))
-    record(db, processor, tally)
+    finish(db, run_id, figures)
     return figures

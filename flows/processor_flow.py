@@ -8,6 +8,7 @@ artifact in the Prefect UI.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
-from flows.pipeline import Tally, batches, commit, deadline_for, prepare, record
+from flows.pipeline import Tally, batches, commit, deadline_for, finish, prepare, start
 from flows.work import process_batch
 from processors import registry
 from processors.base import Processor
@@ -82,6 +83,32 @@ def _artifact(figures: RunFigures) -> None:
         )
 
 
+def _process(
+    processor: Processor,
+    candidates: list[Candidate],
+    deadline: float | None,
+    db_path: Path,
+    attempts: int,
+    tally: Tally,
+) -> None:
+    """Map the batches over task runs and commit each one the moment it completes."""
+    work = batches(candidates)
+    futures = process_sessions.map(unmapped(processor), range(len(work)), work, unmapped(deadline))
+    batch_of = {id(f): b for f, b in zip(futures, work, strict=True)}
+    for future in as_completed(futures):
+        try:
+            outcomes = future.result()
+        except Exception as error:  # a crashed task fails its sessions, not the run
+            now = datetime.now(UTC)
+            outcomes = [
+                Outcome(c.key, "failed", now, error=f"task crashed: {error}")
+                for c in batch_of[id(future)]
+            ]
+        tally.add(outcomes, commit(db_path, processor, outcomes, attempts), attempts)
+        for outcome in outcomes:  # the future keeps its result: let the rows go
+            outcome.columns = {}
+
+
 def run_processor(
     processor_name: str,
     data_dir: str | None,
@@ -96,36 +123,23 @@ def run_processor(
     deadline = deadline_for(time_budget_seconds)
     slot = limit_name(processor_name)
     _ensure_limit(slot)
-    try:
-        lock = concurrency(slot, occupy=1, timeout_seconds=LOCK_WAIT_SECONDS, strict=True)
-        lock.__enter__()
-    except TimeoutError:
-        raise ProcessorBusyError(f"Processor '{processor_name}' is already running") from None
-    try:
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(
+                concurrency(slot, occupy=1, timeout_seconds=LOCK_WAIT_SECONDS, strict=True)
+            )
+        except TimeoutError:
+            raise ProcessorBusyError(f"Processor '{processor_name}' is already running") from None
         the_plan = prepare(processor, data_path, db_path)
         tally = Tally.start(processor, the_plan, logger)
-        work = batches(the_plan.candidates)
-        futures = process_sessions.map(
-            unmapped(processor), range(len(work)), work, unmapped(deadline)
-        )
-        batch_of = {id(f): b for f, b in zip(futures, work, strict=True)}
-        for future in as_completed(futures):
-            try:
-                outcomes = future.result()
-            except Exception as error:  # a crashed task fails its sessions, not the run
-                now = datetime.now(UTC)
-                outcomes = [
-                    Outcome(c.key, "failed", now, error=f"task crashed: {error}")
-                    for c in batch_of[id(future)]
-                ]
-            tally.add(outcomes, commit(db_path, processor, outcomes, attempts), attempts)
-            for outcome in outcomes:  # the future keeps its result: let the rows go
-                outcome.columns = {}
+        run_id = start(db_path, processor, tally, flow_run.get_id())
+        try:
+            _process(processor, the_plan.candidates, deadline, db_path, attempts, tally)
+        except BaseException:
+            finish(db_path, run_id, None, status="failed")
+            raise
         figures = tally.finish(len(the_plan.candidates))
-        flow_run_id = flow_run.get_id()
-        record(db_path, processor, tally, flow_run_id)
-    finally:
-        lock.__exit__(None, None, None)
+        finish(db_path, run_id, figures)
     logger.info(
         "%s: scanned %d, processed %d, skipped %d, errors %d, quarantined %d, deferred %d, "
         "items %d in %.1fs",

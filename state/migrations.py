@@ -131,11 +131,36 @@ def _output_schemas_table(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def _run_ledger_and_audit(con: duckdb.DuckDBPyConnection) -> None:
+    # A run's row is written when it starts (status 'running', with the host and pid of the
+    # process doing the work) and completed at its end: `doctor` finds runs whose process is
+    # gone, which Prefect OSS leaves Running forever.
+    for column, sql_type in (("status", "VARCHAR"), ("host", "VARCHAR"), ("pid", "INTEGER")):
+        con.execute(f"ALTER TABLE processor_runs ADD COLUMN IF NOT EXISTS {column} {sql_type}")
+    con.execute("UPDATE processor_runs SET status = 'completed' WHERE status IS NULL")
+    con.execute(
+        """
+        CREATE TABLE IF NOT EXISTS trigger_audit (
+            requested_at TIMESTAMPTZ NOT NULL,
+            caller VARCHAR,
+            action VARCHAR NOT NULL,
+            processor_name VARCHAR,
+            outcome VARCHAR NOT NULL,
+            http_status INTEGER NOT NULL,
+            flow_run_id VARCHAR,
+            details JSON,
+            error VARCHAR
+        )
+        """
+    )
+
+
 MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
     (1, "session_processor_state with versions, stat and attempts", _state_table),
     (2, "import session_extraction_state as verification rows", _import_extraction_state),
     (3, "processor_runs", _runs_table),
     (4, "processor_tables", _output_schemas_table),
+    (5, "run ledger (status, host, pid) and trigger_audit", _run_ledger_and_audit),
 )
 
 LATEST = MIGRATIONS[-1][0]

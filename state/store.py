@@ -7,6 +7,8 @@ or the new rows of a session, never both and never neither.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -260,40 +262,64 @@ class RunFigures:
         }
 
 
-def record_run(
+def start_run(
     con: duckdb.DuckDBPyConnection,
     run_id: str,
-    figures: RunFigures,
+    processor: Processor,
     *,
-    version: str,
     started_at: datetime,
-    finished_at: datetime,
     flow_run_id: str | None,
 ) -> None:
+    """Enter a run in the ledger before any work, with the host and pid doing it."""
     con.execute(
         """
         INSERT OR REPLACE INTO processor_runs (
-            run_id, processor_name, processor_version, flow_run_id, started_at, finished_at,
-            duration_seconds, scanned, processed, skipped, errors, quarantined, deferred,
-            items_extracted, errors_detail)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            run_id, processor_name, processor_version, flow_run_id, started_at, status, host, pid)
+        VALUES (?, ?, ?, ?, ?, 'running', ?, ?)
         """,
         [
             run_id,
-            figures.processor,
-            version,
+            processor.name,
+            str(processor.version),
             flow_run_id,
             started_at,
+            socket.gethostname(),
+            os.getpid(),
+        ],
+    )
+
+
+def finish_run(
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    figures: RunFigures | None,
+    *,
+    finished_at: datetime,
+    status: str = "completed",
+) -> None:
+    """Close a run's ledger row with its figures (none when the run failed as a whole)."""
+    f = figures or RunFigures(processor="")
+    con.execute(
+        """
+        UPDATE processor_runs SET
+            finished_at = ?, status = ?, duration_seconds = epoch(?::TIMESTAMPTZ - started_at),
+            scanned = ?, processed = ?, skipped = ?, errors = ?, quarantined = ?, deferred = ?,
+            items_extracted = ?, errors_detail = ?
+        WHERE run_id = ?
+        """,
+        [
             finished_at,
-            figures.duration_seconds,
-            figures.scanned,
-            figures.processed,
-            figures.skipped,
-            figures.errors,
-            figures.quarantined,
-            figures.deferred,
-            figures.items_extracted,
-            orjson.dumps(figures.errors_detail).decode(),
+            status,
+            finished_at,
+            f.scanned,
+            f.processed,
+            f.skipped,
+            f.errors,
+            f.quarantined,
+            f.deferred,
+            f.items_extracted,
+            orjson.dumps(f.errors_detail).decode(),
+            run_id,
         ],
     )
 
@@ -327,7 +353,7 @@ def status(con: duckdb.DuckDBPyConnection, processor_names: Iterable[str]) -> li
         for row in con.execute(
             """
             SELECT processor_name, max(finished_at), arg_max(errors, finished_at)
-            FROM processor_runs GROUP BY processor_name
+            FROM processor_runs WHERE status = 'completed' GROUP BY processor_name
             """
         ).fetchall()
     }
