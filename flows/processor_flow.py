@@ -49,6 +49,24 @@ def flow_name(processor_name: str) -> str:
     return f"{processor_name}-processor"
 
 
+def flow_attribute(processor_name: str) -> str:
+    """The module attribute a processor's flow is reachable as: `flows/processor_flow.py:
+    usage_processor` is the entrypoint deployments and the runner's subprocesses load."""
+    return f"{processor_name}_processor"
+
+
+def __getattr__(attribute: str) -> Flow[..., dict[str, Any] | State]:
+    """Module attributes `<name>_processor` are the flows of registered processors, built on
+    first access (PEP 562), so entrypoints work for plugins too."""
+    if attribute.endswith("_processor"):
+        name = attribute.removesuffix("_processor")
+        if any(e.name == name for e in registry.entries()):
+            flow_ = build_flow(name)
+            globals()[attribute] = flow_
+            return flow_
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
+
+
 @task(
     name="process-sessions",
     cache_policy=NO_CACHE,
@@ -183,6 +201,8 @@ def build_flow(processor_name: str) -> Flow[..., dict[str, Any] | State]:
             get_run_logger().error("%s", e)
             return Failed(message=str(e))
 
+    # Named after its module attribute so Prefect derives a loadable entrypoint from it.
+    processor_flow.fn.__name__ = processor_flow.fn.__qualname__ = flow_attribute(processor_name)
     return processor_flow
 
 

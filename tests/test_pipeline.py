@@ -90,7 +90,9 @@ def test_first_run_processes_everything_and_records_state(data_dir: Path, db: Pa
     size = (data_dir / "alice/s1.jsonl").stat().st_size
     assert state[0] == ("alice/s1.jsonl", "alice", 2, "ok", 0, "1", size, True)
     assert _rows(db, "SELECT count(*) FROM recorder_rows") == [(3,)]
-    run = _rows(db, "SELECT processor_name, scanned, processed, errors, status, pid FROM processor_runs")
+    run = _rows(
+        db, "SELECT processor_name, scanned, processed, errors, status, pid FROM processor_runs"
+    )
     assert run == [("recorder", 2, 2, 0, "completed", os.getpid())]
 
 
@@ -102,7 +104,9 @@ def test_a_run_that_dies_is_marked_failed_in_the_ledger(data_dir: Path, db: Path
     _two_sessions(data_dir)
     with pytest.raises(KeyboardInterrupt):
         _run(Exploding(), data_dir, db)
-    assert _rows(db, "SELECT status, finished_at IS NOT NULL FROM processor_runs") == [("failed", True)]
+    assert _rows(db, "SELECT status, finished_at IS NOT NULL FROM processor_runs") == [
+        ("failed", True)
+    ]
     assert _rows(db, "SELECT count(*) FROM session_processor_state") == [(0,)]
 
 
