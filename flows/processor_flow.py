@@ -22,6 +22,7 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
+from flows.names import flow_attribute, flow_name, limit_name
 from flows.pipeline import Tally, batches, commit, deadline_for, finish, prepare, start
 from flows.work import process_batch
 from processors import registry
@@ -39,20 +40,6 @@ LOCK_WAIT_SECONDS = 30.0
 
 class ProcessorBusyError(RuntimeError):
     """Another run of the same processor holds its concurrency slot."""
-
-
-def limit_name(processor_name: str) -> str:
-    return f"session-pipeline-{processor_name}"
-
-
-def flow_name(processor_name: str) -> str:
-    return f"{processor_name}-processor"
-
-
-def flow_attribute(processor_name: str) -> str:
-    """The module attribute a processor's flow is reachable as: `flows/processor_flow.py:
-    usage_processor` is the entrypoint deployments and the runner's subprocesses load."""
-    return f"{processor_name}_processor"
 
 
 def __getattr__(attribute: str) -> Flow[..., dict[str, Any] | State]:

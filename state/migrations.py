@@ -8,6 +8,7 @@ right thing.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import duckdb
@@ -180,8 +181,19 @@ def applied(con: duckdb.DuckDBPyConnection) -> int:
     return int(row[0]) if row else 0
 
 
+_MIGRATING = threading.Lock()
+
+
 def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Apply every pending migration, each in its own transaction; return their names."""
+    """Apply every pending migration, each in its own transaction; return their names.
+
+    Threads of one process share one DuckDB instance, where concurrent catalog changes
+    conflict; other processes are kept out by DuckDB's file lock."""
+    with _MIGRATING:
+        return _migrate(con)
+
+
+def _migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
     done = applied(con)
     ran: list[str] = []
     for version, name, step in MIGRATIONS:

@@ -1,0 +1,348 @@
+"""The webhook: ad-hoc runs over HTTP, plus health. Prefect OSS has no inbound webhooks.
+
+A trigger authenticates the caller, validates the processor, takes a short Prefect lease named
+after the processor (so concurrent triggers, from any number of webhook processes, serialise:
+the old system's in-process lock let two workers run one processor at once), refuses with 409
+while that processor has a run going or about to start, and otherwise creates a flow run of
+its deployment through the Prefect REST API. Every call is written to `trigger_audit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import os
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from flows.cadence import interval_seconds
+from flows.health import health
+from flows.names import flow_name, trigger_limit_name
+from flows.prefect_api import TERMINAL_STATES, PrefectAPI, PrefectUnavailable, api_url, ui_url
+from processors import registry
+from state import config
+from state.config import ConfigError
+from state.db import StateError, connect
+from state.migrations import migrate
+
+TOKEN_ENV = "SESSION_PIPELINE_WEBHOOK_TOKEN"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8787
+TRIGGER_LEASE_SECONDS = 60
+WAIT_POLL_SECONDS = 0.5
+
+
+class Refusal(Exception):
+    """An answer other than success, with its HTTP status and one-line reason."""
+
+    def __init__(self, status: int, message: str, outcome: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.outcome, self.extra = status, outcome, extra
+
+
+def _known(entries: list[registry.Entry]) -> str:
+    return ", ".join(e.name for e in entries if e.enabled) or "none"
+
+
+def _validate(name: str) -> registry.Entry:
+    """The old wording for unknown processors; the reason too when one is disabled."""
+    entries = registry.entries()
+    entry = next((e for e in entries if e.name == name), None)
+    message = f"Unknown processor '{name}'. Known: {_known(entries)}"
+    if entry is None:
+        raise Refusal(400, message, "unknown")
+    if not entry.enabled:
+        raise Refusal(
+            400, f"{message}. Processor '{name}' is disabled: {entry.problem}", "disabled"
+        )
+    return entry
+
+
+def _figures(db: Path, flow_run_id: str) -> dict[str, Any] | None:
+    with connect(db) as con:
+        migrate(con)
+        cursor = con.execute(
+            "SELECT processor_name AS processor, scanned, processed, skipped, errors, quarantined, "
+            "deferred, items_extracted, errors_detail, duration_seconds FROM processor_runs "
+            "WHERE flow_run_id = ? AND status = 'completed'",
+            [flow_run_id],
+        )
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        names = [d[0] for d in cursor.description or []]
+    figures = dict(zip(names, row, strict=True))
+    figures["errors_detail"] = orjson.loads(figures["errors_detail"] or "[]")
+    return figures
+
+
+class Webhook:
+    """The trigger logic, independent of HTTP framing (and so testable as plain calls)."""
+
+    def __init__(
+        self, data_dir: Path, db: Path, token: str | None, prefect_url: str | None
+    ) -> None:
+        self.data_dir, self.db, self.token = data_dir, db, token or None
+        self.prefect_url = prefect_url
+
+    def api(self) -> PrefectAPI:
+        return PrefectAPI(self.prefect_url or api_url())
+
+    def authorised(self, header: str | None) -> bool:
+        if self.token is None:
+            return True
+        scheme, _, supplied = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            supplied.strip().encode(), self.token.encode()
+        )
+
+    def trigger(self, name: str, *, wait: bool, wait_timeout: float) -> tuple[int, dict[str, Any]]:
+        _validate(name)
+        with self.api() as api:
+            deployment = api.deployment(flow_name(name), name)
+            if deployment is None:
+                raise Refusal(
+                    503,
+                    f"Processor '{name}' has no deployment {flow_name(name)}/{name}: "
+                    "start `session-pipeline serve` or run `prefect deploy --all`",
+                    "no_deployment",
+                )
+            mutex = trigger_limit_name(name)
+            api.ensure_limit(mutex)
+            lease = api.try_lease(mutex, TRIGGER_LEASE_SECONDS)
+            if lease is None:
+                raise Refusal(409, f"Processor '{name}' is already running", "conflict")
+            try:
+                active = api.active_runs(deployment["id"])
+                if active:
+                    run = active[0]
+                    raise Refusal(
+                        409,
+                        f"Processor '{name}' is already running (flow run '{run['name']}', "
+                        f"{run['state_type'].lower()})",
+                        "conflict",
+                        flow_run_id=run["id"],
+                    )
+                run = api.create_run(
+                    deployment["id"],
+                    tags=["session-pipeline", f"processor:{name}", "trigger:webhook"],
+                    idempotency_key=f"webhook-{lease}",
+                )
+            finally:
+                api.release_lease(lease)
+            accepted = {
+                "processor": name,
+                "flow_run_id": run["id"],
+                "flow_run_name": run["name"],
+                "ui_url": ui_url(api.url, run["id"]),
+            }
+            if not wait:
+                return 202, accepted
+            return self._wait(api, name, run["id"], wait_timeout)
+
+    def _wait(
+        self, api: PrefectAPI, name: str, flow_run_id: str, timeout: float
+    ) -> tuple[int, dict[str, Any]]:
+        """The old synchronous answer: `{"ok": errors == 0, "details": stats}`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = api.flow_run(flow_run_id)
+            state = run.get("state_type")
+            if state in TERMINAL_STATES:
+                break
+            if time.monotonic() >= deadline:
+                raise Refusal(
+                    504,
+                    f"Processor '{name}' run {flow_run_id} still {str(state).lower()} after "
+                    f"{timeout:g}s; it goes on",
+                    "timeout",
+                    flow_run_id=flow_run_id,
+                )
+            time.sleep(WAIT_POLL_SECONDS)
+        figures = _figures(self.db, flow_run_id) if state == "COMPLETED" else None
+        if figures is None:
+            message = (run.get("state") or {}).get("message") or f"run ended {state}"
+            raise Refusal(500, message, "failed", flow_run_id=flow_run_id)
+        return 200, {"ok": figures["errors"] == 0, "details": figures, "flow_run_id": flow_run_id}
+
+    def audit(
+        self,
+        caller: str,
+        name: str | None,
+        status: int,
+        outcome: str,
+        body: dict[str, Any],
+        error: str | None,
+    ) -> None:
+        details = body.get("details")
+        with connect(self.db) as con:
+            migrate(con)
+            con.execute(
+                "INSERT INTO trigger_audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    datetime.now(UTC),
+                    caller,
+                    f"run_session_processor:{name}",
+                    name,
+                    outcome,
+                    status,
+                    body.get("flow_run_id"),
+                    orjson.dumps(details).decode() if details is not None else None,
+                    error,
+                ],
+            )
+
+    def processors(self) -> list[dict[str, Any]]:
+        listing = []
+        for e in registry.entries():
+            item: dict[str, Any] = {
+                "name": e.name,
+                "version": e.processor.version if e.processor else None,
+                "enabled": e.enabled,
+                "reason": e.problem,
+                "cadence_seconds": None,
+            }
+            if e.processor is not None:
+                try:
+                    item["cadence_seconds"] = interval_seconds(e.processor)
+                except ConfigError as error:
+                    item["enabled"], item["reason"] = False, str(error)
+            listing.append(item)
+        return listing
+
+
+def create_app(
+    data_dir: Path | None = None,
+    db: Path | None = None,
+    *,
+    token: str | None = None,
+    prefect_url: str | None = None,
+) -> FastAPI:
+    hook = Webhook(
+        config.data_dir(data_dir),
+        config.db_path(db),
+        token if token is not None else os.environ.get(TOKEN_ENV),
+        prefect_url,
+    )
+    app = FastAPI(title="session-pipeline webhook", docs_url=None, redoc_url=None)
+    app.state.webhook = hook
+
+    def guarded(
+        request: Request, name: str | None, call: Callable[[], tuple[int, dict[str, Any]]]
+    ) -> JSONResponse:
+        caller = request.client.host if request.client else "unknown"
+        outcome, error = "accepted", None
+        if not hook.authorised(request.headers.get("authorization")):
+            status, body, outcome, error = (
+                401,
+                {"detail": "Missing or wrong bearer token"},
+                "unauthorized",
+                "unauthorized",
+            )
+        else:
+            try:
+                status, body = call()
+                outcome = "accepted" if status == 202 else "completed"
+            except Refusal as refusal:
+                status, outcome, error = refusal.status, refusal.outcome, str(refusal)
+                body = {"detail": str(refusal), **refusal.extra}
+            except (PrefectUnavailable, StateError) as unavailable:
+                status, outcome, error = 503, "unavailable", str(unavailable)
+                body = {"detail": str(unavailable)}
+            except Exception as unexpected:  # the old contract: 500 with the text
+                status, outcome = 500, "error"
+                error = f"{type(unexpected).__name__}: {unexpected}"
+                body = {"detail": error}
+        try:
+            hook.audit(caller, name, status, outcome, body, error)
+        except StateError as audit_error:
+            body.setdefault("audit", f"not recorded: {audit_error}")
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    def run_call(name: str, wait: bool, timeout: float) -> Callable[[], tuple[int, dict[str, Any]]]:
+        return lambda: hook.trigger(name, wait=wait, wait_timeout=timeout)
+
+    @app.post("/processors/{name}/runs")
+    def trigger_run(
+        request: Request, name: str, wait: bool = False, timeout: float = 3600
+    ) -> JSONResponse:
+        return guarded(request, name, run_call(name, wait, timeout))
+
+    @app.post("/api/admin/run-session-processor")
+    def trigger_run_old_path(
+        request: Request, processor: str, wait: bool = False, timeout: float = 3600
+    ) -> JSONResponse:
+        return guarded(request, processor, run_call(processor, wait, timeout))
+
+    def reading(request: Request, produce: Callable[[], Any]) -> JSONResponse:
+        if not hook.authorised(request.headers.get("authorization")):
+            return JSONResponse(
+                {"detail": "Missing or wrong bearer token"}, 401, {"WWW-Authenticate": "Bearer"}
+            )
+        try:
+            return JSONResponse(produce())
+        except (StateError, ConfigError) as error:
+            return JSONResponse({"detail": str(error)}, 503)
+
+    @app.get("/health")
+    def get_health(request: Request) -> JSONResponse:
+        return reading(request, lambda: health(registry.entries(), hook.data_dir, hook.db))
+
+    @app.get("/processors")
+    def get_processors(request: Request) -> JSONResponse:
+        return reading(request, hook.processors)
+
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.webhook`: serve the webhook with uvicorn."""
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="session-pipeline webhook")
+    parser.add_argument(
+        "--host", default=os.environ.get("SESSION_PIPELINE_WEBHOOK_HOST", DEFAULT_HOST)
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("SESSION_PIPELINE_WEBHOOK_PORT", DEFAULT_PORT)),
+    )
+    parser.add_argument("--data-dir")
+    parser.add_argument("--db")
+    args = parser.parse_args(argv)
+    token = os.environ.get(TOKEN_ENV) or None
+    if not is_loopback(args.host) and token is None:
+        print(
+            f"session-pipeline: error: refusing to listen on {args.host} without {TOKEN_ENV}",
+            file=sys.stderr,
+        )
+        return 1
+    app = create_app(
+        Path(args.data_dir) if args.data_dir else None, Path(args.db) if args.db else None
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
