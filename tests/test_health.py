@@ -1,0 +1,71 @@
+"""Health thresholds as plain functions: grace = 2 x cadence, stuck past 4 x grace."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from flows.health import assess
+from processors.registry import Entry
+from processors.usage import UsageProcessor
+from state.plan import StoredState
+from state.scan import FoundFile
+
+NOW = 1_800_000_000.0
+USAGE = Entry("usage", UsageProcessor(), None)  # cadence 600: grace 1200, stuck past 4800
+
+
+def _file(key: str, age: float) -> FoundFile:
+    return FoundFile(key, f"/d/{key}", 10, int((NOW - age) * 1e9))
+
+
+def _ok(f: FoundFile) -> StoredState:
+    return StoredState(f.size, f.mtime_ns, "h", UsageProcessor.version, "ok", 0, None)
+
+
+@pytest.mark.parametrize(
+    ("ages", "processed", "status"),
+    [
+        ([], [], "ok"),
+        ([5000.0], [True], "ok"),  # everything processed, however old
+        ([100.0], [False], "ok"),  # waiting, but within the grace window
+        ([1300.0, 5.0], [True, False], "ok"),
+        ([1300.0], [False], "warning"),  # waited past 2 x cadence
+        ([4900.0], [False], "stuck"),  # never processed, older than 4 x grace
+    ],
+)
+def test_thresholds(ages: list[float], processed: list[bool], status: str) -> None:
+    found = [_file(f"alice/s{i}.jsonl", age) for i, age in enumerate(ages)]
+    states = {f.key: _ok(f) for f, done in zip(found, processed, strict=True) if done}
+    report = assess(USAGE, found, states, (datetime.now(UTC), 0), NOW)
+    assert report.status == status, report.message
+    assert report.pending == processed.count(False)
+
+
+def test_env_cadence_and_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    found = [_file("alice/a.jsonl", 130.0)]
+    monkeypatch.setenv("SCHEDULER_USAGE_PROCESSOR_INTERVAL", "60")
+    assert assess(USAGE, found, {}, (None, None), NOW).status == "warning"
+    monkeypatch.setenv("SCHEDULER_USAGE_PROCESSOR_INTERVAL", "")
+    report = assess(USAGE, found, {}, (None, None), NOW)
+    assert report.status == "disabled" and "must be a positive integer" in report.message
+    off = assess(
+        Entry("verification", None, "ANTHROPIC_API_KEY is not set"), found, {}, (None, None), NOW
+    )
+    assert (off.status, off.message) == ("disabled", "ANTHROPIC_API_KEY is not set")
+
+
+def test_a_failing_session_counts_as_lag_and_a_quarantined_one_does_not() -> None:
+    failing, held = _file("alice/f.jsonl", 2000.0), _file("alice/q.jsonl", 9000.0)
+    states = {
+        failing.key: StoredState(10, failing.mtime_ns, "h", "1", "failed", 2, None),
+        held.key: StoredState(None, None, None, None, "quarantined", 5, None),  # type: ignore[arg-type]
+    }
+    report = assess(USAGE, [failing, held], states, (None, None), NOW)
+    assert (report.status, report.pending, report.failed, report.quarantined) == (
+        "warning",
+        1,
+        1,
+        1,
+    )
