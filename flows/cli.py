@@ -51,6 +51,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="session-pipeline",
@@ -94,6 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate_cmd = commands.add_parser("migrate", help="create or upgrade the state database")
     _paths(migrate_cmd)
+
+    serve = commands.add_parser(
+        "serve", help="one machine: Prefect server + UI, scheduled deployments and the webhook"
+    )
+    serve.add_argument("--ui-host", default="127.0.0.1")
+    serve.add_argument("--ui-port", type=_port, default=4200)
+    serve.add_argument("--webhook-host", default=None, help="default 127.0.0.1")
+    serve.add_argument("--webhook-port", type=_port, default=None, help="default 8787")
+    _paths(serve)
+
+    webhook = commands.add_parser("webhook", help="only the webhook (triggers and health)")
+    webhook.add_argument("--host", default=None, help="default 127.0.0.1")
+    webhook.add_argument("--port", type=_port, default=None, help="default 8787")
+    _paths(webhook)
+
+    doctor = commands.add_parser(
+        "doctor", help="crash runs whose process is gone, free concurrency slots nobody holds"
+    )
+    doctor.add_argument("--report-only", action="store_true", help="only say what is wrong")
+    _paths(doctor)
 
     query = commands.add_parser("query", help="run a read-only SQL query on the state database")
     query.add_argument("sql", help='e.g. "SELECT tool_name, count(*) FROM usage_events GROUP BY 1"')
@@ -237,6 +264,51 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _webhook_address(host: str | None, port: int | None) -> tuple[str, int]:
+    from flows.webhook import DEFAULT_HOST, DEFAULT_PORT
+
+    host = host or os.environ.get("SESSION_PIPELINE_WEBHOOK_HOST") or DEFAULT_HOST
+    if port is None:
+        port = config.positive_int("SESSION_PIPELINE_WEBHOOK_PORT", DEFAULT_PORT)
+    return host, port
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve
+
+    host, port = _webhook_address(args.webhook_host, args.webhook_port)
+    return serve(
+        args.data_dir,
+        args.db,
+        ui_host=args.ui_host,
+        ui_port=args.ui_port,
+        webhook_host=host,
+        webhook_port=port,
+    )
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    from flows.webhook import main as webhook_main
+
+    host, port = _webhook_address(args.host, args.port)
+    argv = ["--host", host, "--port", str(port)]
+    for flag, value in (("--data-dir", args.data_dir), ("--db", args.db)):
+        if value:
+            argv += [flag, value]
+    return webhook_main(argv)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from flows.doctor import doctor
+    from flows.prefect_api import PrefectAPI
+
+    with PrefectAPI() as api:
+        report = doctor(config.db_path(args.db), api, fix=not args.report_only)
+    for line in report.lines() or ["no zombie runs, no leaked concurrency slots"]:
+        print(line)
+    return 0 if report.clean or not args.report_only else 3
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -269,10 +341,14 @@ COMMANDS = {
     "processors": cmd_processors,
     "migrate": cmd_migrate,
     "query": cmd_query,
+    "serve": cmd_serve,
+    "webhook": cmd_webhook,
+    "doctor": cmd_doctor,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from flows.prefect_api import PrefectUnavailable
     from flows.processor_flow import RunRefused
 
     parser = build_parser()
@@ -287,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         StateError,
         registry.UnknownProcessorError,
         RunRefused,
+        PrefectUnavailable,
         _QueryError,
     ) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)

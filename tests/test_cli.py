@@ -178,3 +178,39 @@ def test_query(capsys: pytest.CaptureFixture[str], db: Path) -> None:
     code, _, err = _call(capsys, "query", "DROP TABLE processor_runs", "--db", str(db))
     assert code == 1 and "read-only" in _one_line_error(err)
     assert _call(capsys, "query", "SELECT count(*) FROM processor_runs", "--db", str(db))[0] == 0
+
+
+def test_doctor_without_a_prefect_server_says_so(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, db: Path
+) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings({PREFECT_API_URL: None}):
+        code, _, err = _call(capsys, "doctor", "--db", str(db))
+    assert code == 1
+    assert _one_line_error(err) == (
+        "session-pipeline: error: PREFECT_API_URL is not set: start `session-pipeline serve`"
+    )
+
+
+def test_serve_and_webhook_refuse_bad_addresses(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, db: Path
+) -> None:
+    code, _, err = _call(capsys, "serve", "--ui-port", "70000")
+    assert code == 2 and "expected a port number" in _one_line_error(err)
+    monkeypatch.delenv("SESSION_PIPELINE_WEBHOOK_TOKEN", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    for argv in (("serve", "--webhook-host", "0.0.0.0"), ("webhook", "--host", "0.0.0.0")):
+        code, _, err = _call(capsys, *argv, "--db", str(db))
+        assert code == 1
+        assert (
+            "refusing to listen on 0.0.0.0 without SESSION_PIPELINE_WEBHOOK_TOKEN"
+            in _one_line_error(err)
+        )
+    monkeypatch.setenv("SESSION_PIPELINE_WEBHOOK_PORT", "many")
+    code, _, err = _call(capsys, "webhook", "--db", str(db))
+    assert (
+        code == 1
+        and "SESSION_PIPELINE_WEBHOOK_PORT must be a positive integer" in _one_line_error(err)
+    )
