@@ -25,6 +25,16 @@ def interval_rrule(seconds: int) -> str:
 
 
 def processor_settings(processor: str) -> dict[str, object]:
-    """Outputs for prefect.yaml: `{{ <id>.rrule }}` and `{{ <id>.interval }}` (seconds)."""
-    seconds = interval_seconds(registry.get(processor))
-    return {"interval": seconds, "rrule": interval_rrule(seconds)}
+    """Outputs for prefect.yaml: `{{ <id>.rrule }}`, `{{ <id>.interval }}` (seconds) and
+    `{{ <id>.active }}`: a processor that is registered but disabled (say, no LLM key on the
+    machine running `prefect deploy`) is deployed with its schedule switched off."""
+    entry = next((e for e in registry.entries() if e.name == processor), None)
+    if entry is None or entry.processor is None:
+        registry.get(processor)  # raises the one-line reason: unknown, or failed to load
+        raise AssertionError("unreachable")
+    seconds = interval_seconds(entry.processor)
+    return {
+        "interval": seconds,
+        "rrule": interval_rrule(seconds),
+        "active": "true" if entry.enabled else "false",
+    }

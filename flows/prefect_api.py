@@ -10,7 +10,7 @@ import os
 import random
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -18,6 +18,7 @@ import httpx
 RETRIES = 6
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 ACTIVE_STATES = ("SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED")
+GOING_STATES = ("PENDING", "RUNNING", "CANCELLING", "PAUSED")
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 
 
@@ -109,9 +110,12 @@ class PrefectAPI:
         flow_names: Iterable[str] | None = None,
         states: Iterable[str] = ACTIVE_STATES,
         starting_before: datetime | None = None,
+        tags: Iterable[str] | None = None,
         limit: int = 200,
     ) -> list[dict[str, Any]]:
         flow_run_filter: dict[str, Any] = {"state": {"type": {"any_": list(states)}}}
+        if tags is not None:
+            flow_run_filter["tags"] = {"all_": list(tags)}
         if deployment_ids is not None:
             flow_run_filter["deployment_id"] = {"any_": list(deployment_ids)}
         if starting_before is not None:
@@ -125,10 +129,15 @@ class PrefectAPI:
             body["flows"] = {"name": {"any_": list(flow_names)}}
         return self._json("POST", "/flow_runs/filter", json=body)
 
-    def active_runs(self, deployment_id: str, horizon_seconds: float = 30) -> list[dict[str, Any]]:
-        """Runs that are going or about to: future scheduled runs (the cadence) do not count."""
-        before = datetime.now(UTC) + timedelta(seconds=horizon_seconds)
-        return self.flow_runs(deployment_ids=[deployment_id], starting_before=before)
+    def active_runs(self, deployment_id: str, trigger_tag: str) -> list[dict[str, Any]]:
+        """Runs that are pending or running, and runs a trigger created that have not started
+        yet. Runs the cadence scheduled are not: the deployment's concurrency limit makes one
+        that comes due wait for the triggered one, so they follow each other, never overlap."""
+        going = self.flow_runs(deployment_ids=[deployment_id], states=GOING_STATES)
+        triggered = self.flow_runs(
+            deployment_ids=[deployment_id], states=("SCHEDULED",), tags=[trigger_tag]
+        )
+        return going + triggered
 
     def create_run(
         self,

@@ -39,6 +39,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
 TRIGGER_LEASE_SECONDS = 60
 WAIT_POLL_SECONDS = 0.5
+TRIGGER_TAG = "trigger:webhook"
 
 
 class Refusal(Exception):
@@ -122,7 +123,7 @@ class Webhook:
             if lease is None:
                 raise Refusal(409, f"Processor '{name}' is already running", "conflict")
             try:
-                active = api.active_runs(deployment["id"])
+                active = api.active_runs(deployment["id"], TRIGGER_TAG)
                 if active:
                     run = active[0]
                     raise Refusal(
@@ -134,7 +135,7 @@ class Webhook:
                     )
                 run = api.create_run(
                     deployment["id"],
-                    tags=["session-pipeline", f"processor:{name}", "trigger:webhook"],
+                    tags=["session-pipeline", f"processor:{name}", TRIGGER_TAG],
                     idempotency_key=f"webhook-{lease}",
                 )
             finally:

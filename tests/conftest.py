@@ -49,6 +49,24 @@ def user_line(
     }
 
 
+LLM_SETTINGS = (
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
+    "SESSION_PIPELINE_LLM_API_KEY",
+    "SESSION_PIPELINE_LLM_PROVIDER",
+    "SESSION_PIPELINE_LLM_BASE_URL",
+    "SESSION_PIPELINE_LLM_MODEL",
+)
+
+
+@pytest.fixture(autouse=True)
+def no_llm_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests see the verification processor unconfigured unless they configure it (against
+    the loopback fake), whatever the machine's environment holds: no test reaches out."""
+    for name in LLM_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "sessions"

@@ -319,3 +319,76 @@ def test_after_a_crash_the_next_serve_clears_the_zombie(
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     assert _wait_until_gone([proc.pid, *serve.seen]) == []
+
+
+def test_scheduled_and_webhook_runs_never_overlap(serve: Serve, tmp_path: Path) -> None:
+    """linecount every 4 s and webhook triggers every second, while new sessions keep
+    arriving: every run is serialised, as the ledger's start and end times prove."""
+    from tests.conftest import PLUGINS, user_line, write_session
+
+    data_dir, db = tmp_path / "sessions", tmp_path / "state" / "pipeline.duckdb"
+    serve.env.update(
+        PYTHONPATH=os.pathsep.join([str(PLUGINS), *sys.path]),
+        SESSION_PIPELINE_LINECOUNT_INTERVAL="4",
+        SP_TEST_SLEEP="0.3",
+        SESSION_PIPELINE_WEBHOOK_TOKEN="tok",
+    )
+    serve.start()
+    serve.wait_for(READY)
+    hook = httpx.Client(
+        base_url=serve.webhook, headers={"Authorization": "Bearer tok"}, timeout=120
+    )
+    # the old synchronous form: waits for the run and answers its figures
+    deadline = time.monotonic() + 90
+    while True:
+        waited = hook.post("/api/admin/run-session-processor?processor=linecount&wait=true")
+        if waited.status_code != 409:
+            break
+        assert time.monotonic() < deadline, waited.text
+        time.sleep(0.5)
+    assert waited.status_code == 200, waited.text
+    body = waited.json()
+    assert body["ok"] is True and body["details"]["processor"] == "linecount"
+    assert set(body["details"]) >= {"scanned", "processed", "skipped", "errors", "items_extracted"}
+
+    codes: list[int] = []
+    end = time.monotonic() + 12
+    i = 0
+    while time.monotonic() < end:
+        write_session(data_dir, f"dave/new-{i}.jsonl", [user_line(f"message {i}")])
+        if i % 2 == 0:
+            codes.append(hook.post("/processors/linecount/runs").status_code)
+        i += 1
+        time.sleep(0.5)
+    assert set(codes) <= {202, 409} and 202 in codes and 409 in codes, codes
+
+    def kinds_of_completed_runs() -> set[str]:
+        with connect(db) as con:
+            ids = con.execute(
+                "SELECT flow_run_id FROM processor_runs "
+                "WHERE processor_name = 'linecount' AND status = 'completed'"
+            ).fetchall()
+        kinds = set()
+        for (flow_run_id,) in ids:
+            run = _call("GET", f"{serve.api}/flow_runs/{flow_run_id}").json()
+            tags, scheduled = run["tags"], run["auto_scheduled"]
+            kinds.add("webhook" if "trigger:webhook" in tags else "scheduled" if scheduled else "?")
+        return kinds
+
+    deadline = time.monotonic() + 120
+    while not {"webhook", "scheduled"} <= (kinds := kinds_of_completed_runs()):
+        assert time.monotonic() < deadline, kinds
+        time.sleep(1)
+    with connect(db) as con:  # every run so far, finished or not, pairwise
+        overlapping = con.execute(
+            "SELECT a.flow_run_id, b.flow_run_id FROM processor_runs a JOIN processor_runs b "
+            "ON a.processor_name = b.processor_name AND a.run_id < b.run_id "
+            "AND a.started_at < coalesce(b.finished_at, now()) "
+            "AND b.started_at < coalesce(a.finished_at, now()) "
+            "WHERE a.processor_name = 'linecount'"
+        ).fetchall()
+        count = con.execute(
+            "SELECT count(*) FROM processor_runs WHERE processor_name = 'linecount'"
+        ).fetchone()
+    assert overlapping == []
+    assert count is not None and count[0] >= 3
