@@ -111,6 +111,9 @@ def test_unknown_and_disabled_processors_are_400_in_the_old_shape(
         "Unknown processor 'disabled'. Known: linecount, usage. "
         "Processor 'disabled' is disabled: SP_TEST_DISABLED_KEY is not set"
     )
+    response = webhook.post("/processors/verification/runs")  # no LLM configured here
+    assert response.status_code == 400
+    assert "Processor 'verification' is disabled: no LLM configured" in response.json()["detail"]
 
 
 def test_no_deployment_is_503_with_the_way_out(webhook: httpx.Client) -> None:
