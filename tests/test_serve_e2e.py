@@ -218,7 +218,10 @@ def test_serve_runs_everything_and_stops_cleanly(serve: Serve, tmp_path: Path) -
 
     assert httpx.get(f"{serve.webhook}/health", timeout=30).status_code == 200
     listing = httpx.get(f"{serve.webhook}/processors", timeout=30).json()
-    assert [(p["name"], p["cadence_seconds"]) for p in listing] == [("usage", 600)]
+    assert [(p["name"], p["cadence_seconds"]) for p in listing] == [
+        ("usage", 600),
+        ("verification", 900),
+    ]
 
     # A second serve on the same ports refuses in one line and touches nothing.
     second = subprocess.run(serve.argv, env=serve.env, capture_output=True, text=True, timeout=60)
