@@ -27,10 +27,16 @@ class Table:
 
     name: str
     columns: tuple[tuple[str, str], ...]
+    # The columns that identify a row within its session file. Needed by append-safe
+    # processors: an increment's rows replace the rows with the same key.
+    key: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if "session_file" not in self.column_names:
             raise ValueError(f"output table {self.name!r} needs a session_file column")
+        unknown = set(self.key) - set(self.column_names)
+        if unknown:
+            raise ValueError(f"key of {self.name!r} names unknown columns {sorted(unknown)}")
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -58,6 +64,22 @@ class ProcessResult:
     items: int = 0
 
 
+@dataclass
+class Increment:
+    """What an append-safe processor returns for the lines it was handed.
+
+    `rows`: every row that is new or changed by these lines, per table (rows are replaced by
+    their table's `key`); on a first read (no checkpoint) that is all of the session's rows.
+    `items`: the session's items so far. `checkpoint`: any JSON-serialisable value; it is
+    stored with the rows in the same transaction and handed back with the next lines, so
+    state spanning the boundary (a streamed response split across it) is counted once.
+    """
+
+    rows: dict[str, list[Row]] = field(default_factory=dict)
+    items: int = 0
+    checkpoint: Any = None
+
+
 @runtime_checkable
 class Processor(Protocol):
     """What the pipeline needs from a processor.
@@ -74,6 +96,27 @@ class Processor(Protocol):
     views: Sequence[str]
 
     def process(self, session: Session) -> ProcessResult: ...
+
+
+@runtime_checkable
+class AppendSafe(Protocol):
+    """A processor that can continue where it stopped (Claude Code only appends).
+
+    `process_increment(session, None)` reads a session whole; `process_increment(session,
+    checkpoint)` gets only the lines after the last read, with the checkpoint that read
+    returned. The pipeline guarantees the bytes before them are unchanged (else it reads the
+    file whole), and tests that increments at any split give a full read's rows.
+    """
+
+    append_safe: bool
+
+    def process_increment(self, session: Session, checkpoint: Any | None) -> Increment: ...
+
+
+def is_append_safe(processor: object) -> bool:
+    return bool(getattr(processor, "append_safe", False)) and callable(
+        getattr(processor, "process_increment", None)
+    )
 
 
 def unavailable_reason(processor: object) -> str | None:

@@ -64,17 +64,29 @@ class Session:
     `lines()` yields each complete line that parses to a JSON object. Malformed lines, and
     lines that are valid JSON but not objects, are counted in `malformed_lines` and skipped.
     A last line without its newline is an append in progress: it is not yielded, and the
-    next run (which will see a new size) reads it whole.
+    next run (which will see a new size) reads it.
+
+    A read may start at `start` (an append-safe processor continuing), with `_hasher` already
+    holding the bytes before it. After `finish()`, `complete_offset` is where the last
+    complete line ends and `complete_hash` the hash of every byte before it: where and from
+    what the next increment continues.
     """
 
     identity: SessionIdentity
     path: Path
     size: int
     _file: IO[bytes]
+    start: int = 0
     malformed_lines: int = 0
     _hasher: Any = field(default_factory=hashlib.sha256)
+    complete_offset: int = 0
+    complete_hash: str | None = None
     _consumed: int = 0
-    _iterating: bool = False
+    _reader: Iterator[bytes] | None = None
+    _tail: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._consumed = self.complete_offset = self.start
 
     @property
     def key(self) -> str:
@@ -104,15 +116,20 @@ class Session:
                     f"file shrank while being read ({self._consumed} of {self.size} bytes)"
                 )
             self._consumed += len(chunk)
-            self._hasher.update(chunk)
             yield chunk
 
-    def lines(self) -> Iterator[dict[str, Any]]:
-        if self._iterating or self._consumed:
-            raise RuntimeError("Session.lines() can be iterated once")
-        self._iterating = True
+    def _raw_lines(self) -> Iterator[bytes]:
+        """Complete lines as bytes, hashing exactly the bytes up to the last newline seen."""
         pending: list[bytes] = []  # pieces of a line longer than a chunk: joined once, not O(n²)
         for chunk in self._chunks():
+            last = chunk.rfind(b"\n")
+            if last < 0:
+                pending.append(chunk)
+                continue
+            for piece in pending:
+                self._hasher.update(piece)
+            self._hasher.update(memoryview(chunk)[: last + 1])
+            self.complete_offset = self._consumed - (len(chunk) - last - 1)
             start = 0
             while (newline := chunk.find(b"\n", start)) >= 0:
                 piece = chunk[start:newline]
@@ -121,11 +138,19 @@ class Session:
                     pending.append(piece)
                     piece = b"".join(pending)
                     pending.clear()
-                parsed = self._parse(piece)
-                if parsed is not None:
-                    yield parsed
+                yield piece
             if start < len(chunk):
                 pending.append(chunk[start:])
+        self._tail = pending
+
+    def lines(self) -> Iterator[dict[str, Any]]:
+        if self._reader is not None:
+            raise RuntimeError("Session.lines() can be iterated once")
+        self._reader = self._raw_lines()
+        for raw in self._reader:
+            parsed = self._parse(raw)
+            if parsed is not None:
+                yield parsed
 
     def _parse(self, raw: bytes) -> dict[str, Any] | None:
         if not raw.strip():
@@ -141,26 +166,42 @@ class Session:
         return value
 
     def finish(self) -> str:
-        """Read whatever the processor left unread and return the content hash."""
-        for _ in self._chunks():
+        """Read whatever the processor left unread and return the hash of all the bytes."""
+        if self._reader is None:
+            self._reader = self._raw_lines()
+        for _ in self._reader:
             pass
-        return self._hasher.hexdigest()
+        self.complete_hash = self._hasher.hexdigest()
+        whole = self._hasher.copy()
+        for piece in self._tail:
+            whole.update(piece)
+        return str(whole.hexdigest())
 
     @classmethod
     @contextmanager
-    def open(cls, path: str | os.PathLike[str], key: str | None = None) -> Iterator[Session]:
+    def open(
+        cls, path: str | os.PathLike[str], key: str | None = None, start: int = 0
+    ) -> Iterator[Session]:
         """Open a transcript outside the pipeline (tests, notebooks). `key` defaults to the
-        last two path components, `<user>/<file>`."""
+        last two path components, `<user>/<file>`; `start` skips bytes already read."""
         p = Path(path)
         with p.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             key = key or f"{p.parent.name}/{p.name}"
-            yield cls(identity=SessionIdentity.from_key(key), path=p, size=size, _file=f)
+            hasher = hashlib.sha256()
+            hash_into(f, start, hasher)
+            yield cls(
+                identity=SessionIdentity.from_key(key),
+                path=p,
+                size=size,
+                _file=f,
+                start=start,
+                _hasher=hasher,
+            )
 
 
-def hash_prefix(f: IO[bytes], size: int) -> str:
-    """sha256 of the first `size` bytes of an open file, streamed."""
-    hasher = hashlib.sha256()
+def hash_into(f: IO[bytes], size: int, hasher: Any) -> None:
+    """Feed the next `size` bytes of an open file into `hasher`, streamed."""
     remaining = size
     while remaining > 0:
         chunk = f.read(min(CHUNK_BYTES, remaining))
@@ -168,4 +209,10 @@ def hash_prefix(f: IO[bytes], size: int) -> str:
             raise FileChangedError(f"file shrank while being hashed ({size - remaining} of {size})")
         hasher.update(chunk)
         remaining -= len(chunk)
-    return hasher.hexdigest()
+
+
+def hash_prefix(f: IO[bytes], size: int) -> str:
+    """sha256 of the first `size` bytes of an open file, streamed."""
+    hasher = hashlib.sha256()
+    hash_into(f, size, hasher)
+    return str(hasher.hexdigest())

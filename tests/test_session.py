@@ -100,3 +100,20 @@ def test_identity_from_key(
         agent_id,
     )
     assert identity.is_subagent == (agent_id is not None)
+
+
+def test_complete_offset_and_hash_mark_where_the_next_read_continues(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    done = b'{"a": 1}\n{"b": 2}\n'
+    path.write_bytes(done + b'{"c": ')  # an append in progress
+    lines, s, digest = _read(path)
+    assert lines == [{"a": 1}, {"b": 2}]
+    assert s.complete_offset == len(done)
+    assert s.complete_hash == hashlib.sha256(done).hexdigest()
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    with path.open("ab") as f:
+        f.write(b'3}\n{"d": 4}\n')
+    with Session.open(path, start=s.complete_offset) as more:
+        assert list(more.lines()) == [{"c": 3}, {"d": 4}]
+        assert more.finish() == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert more.complete_offset == path.stat().st_size
