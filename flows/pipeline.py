@@ -14,11 +14,11 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from processors.base import Processor
+from processors.base import Processor, is_append_safe
 from state import store
 from state.config import ConfigError
 from state.db import connect
@@ -59,7 +59,16 @@ def prepare(processor: Processor, data_dir: Path, db: Path) -> Plan:
             processor.name,
             ", ".join(rebuilt),
         )
-    the_plan = plan(scan(data_dir), states, str(processor.version))
+    append_safe = is_append_safe(processor)
+    the_plan = plan(scan(data_dir), states, str(processor.version), append_safe=append_safe)
+    appends = [c.key for c in the_plan.candidates if c.reason == "append"]
+    if appends:
+        with connect(db) as con:
+            saved = store.load_checkpoints(con, processor.name, appends)
+        the_plan.candidates = [
+            replace(c, checkpoint=saved.get(c.key)) if c.reason == "append" else c
+            for c in the_plan.candidates
+        ]
     reasons: dict[str, int] = {}
     for c in the_plan.candidates:
         reasons[c.reason] = reasons.get(c.reason, 0) + 1

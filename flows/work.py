@@ -8,18 +8,19 @@ rows that do not fit its tables) fails that one session only, with a reason.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
-from processors.base import Processor, ProcessResult, Table
-from processors.session import Session, SessionIdentity, hash_prefix
+from processors.base import Processor, ProcessResult, Table, is_append_safe
+from processors.session import Session, SessionIdentity, hash_into, hash_prefix
 from state.plan import Candidate
 from state.store import Columns, Outcome
 
@@ -95,8 +96,23 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}{where}"[:2000]
 
 
+def _resume(f: IO[bytes], size: int, candidate: Candidate) -> Any | None:
+    """The hasher over the bytes already read, if the file only grew since; else None and
+    the file is back at its start for a whole read."""
+    offset = candidate.resume_offset
+    if offset is None or candidate.checkpoint is None or offset > size:
+        return None
+    hasher = hashlib.sha256()
+    hash_into(f, offset, hasher)
+    if hasher.hexdigest() == candidate.resume_hash:
+        return hasher
+    f.seek(0)
+    return None
+
+
 def process_candidate(processor: Processor, candidate: Candidate) -> Outcome:
     read_at = datetime.now(UTC)
+    append_safe = is_append_safe(processor)
     try:
         with open(candidate.path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -106,13 +122,23 @@ def process_candidate(processor: Processor, candidate: Candidate) -> Outcome:
                 if digest == candidate.known_hash:
                     return Outcome(candidate.key, "unchanged", read_at, size, mtime_ns, digest)
                 f.seek(0)
+            hasher = _resume(f, size, candidate) if append_safe else None
             session = Session(
                 identity=SessionIdentity.from_key(candidate.key),
                 path=Path(candidate.path),
                 size=size,
                 _file=f,
+                start=candidate.resume_offset if hasher is not None else 0,
+                _hasher=hasher if hasher is not None else hashlib.sha256(),
             )
-            result = processor.process(session)
+            checkpoint: bytes | None = None
+            if append_safe:
+                previous = orjson.loads(candidate.checkpoint) if hasher is not None else None
+                increment = processor.process_increment(session, previous)  # type: ignore[attr-defined]
+                result = ProcessResult(increment.rows, increment.items)
+                checkpoint = orjson.dumps(increment.checkpoint)
+            else:
+                result = processor.process(session)
             digest = session.finish()
         if not isinstance(result, ProcessResult):
             # The old contract: a return value of the wrong type counts as 0 items and the
@@ -137,6 +163,10 @@ def process_candidate(processor: Processor, candidate: Candidate) -> Outcome:
         mtime_ns,
         digest,
         columns=columns,
+        increment=hasher is not None,
+        checkpoint=checkpoint,
+        complete_offset=session.complete_offset if append_safe else None,
+        complete_hash=session.complete_hash if append_safe else None,
         items=int(result.items),
         malformed_lines=session.malformed_lines,
     )

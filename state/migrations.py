@@ -156,12 +156,26 @@ def _run_ledger_and_audit(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def _append_checkpoints(con: duckdb.DuckDBPyConnection) -> None:
+    # For append-safe processors: where the last read's complete lines end, the hash of the
+    # bytes before that point, and the processor's checkpoint to continue from.
+    for column, sql_type in (
+        ("complete_offset", "BIGINT"),
+        ("complete_hash", "VARCHAR"),
+        ("checkpoint", "BLOB"),
+    ):
+        con.execute(
+            f"ALTER TABLE session_processor_state ADD COLUMN IF NOT EXISTS {column} {sql_type}"
+        )
+
+
 MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
     (1, "session_processor_state with versions, stat and attempts", _state_table),
     (2, "import session_extraction_state as verification rows", _import_extraction_state),
     (3, "processor_runs", _runs_table),
     (4, "processor_tables", _output_schemas_table),
     (5, "run ledger (status, host, pid) and trigger_audit", _run_ledger_and_audit),
+    (6, "append checkpoints on session_processor_state", _append_checkpoints),
 )
 
 LATEST = MIGRATIONS[-1][0]

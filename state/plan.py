@@ -13,7 +13,7 @@ from datetime import datetime
 
 from state.scan import FoundFile
 
-ORDER = {"new": 0, "changed": 1, "version": 2, "retry": 3}
+ORDER = {"new": 0, "append": 1, "changed": 1, "version": 2, "retry": 3}
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,8 @@ class StoredState:
     status: str | None
     attempts: int
     last_attempt_at: datetime | None
+    complete_offset: int | None = None
+    complete_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,9 +35,14 @@ class Candidate:
     path: str
     size: int
     mtime_ns: int
-    reason: str  # new | changed | version | retry
+    reason: str  # new | changed | append | version | retry
     known_hash: str | None = None
     known_size: int | None = None
+    # append: continue after `resume_offset` if the bytes before it still hash to
+    # `resume_hash`, from the processor's stored `checkpoint` (loaded just before reading)
+    resume_offset: int | None = None
+    resume_hash: str | None = None
+    checkpoint: bytes | None = None
 
     @property
     def username(self) -> str:
@@ -50,9 +57,16 @@ class Plan:
     held: list[str] = field(default_factory=list)  # quarantined: left alone until reprocess
 
 
-def plan(found: Iterable[FoundFile], states: dict[str, StoredState], version: str) -> Plan:
+def plan(
+    found: Iterable[FoundFile],
+    states: dict[str, StoredState],
+    version: str,
+    *,
+    append_safe: bool = False,
+) -> Plan:
     """New sessions first, then changed ones, then version bumps, then retries of failures
-    (oldest attempt first), so a cluster of failing sessions can never starve fresh work."""
+    (oldest attempt first), so a cluster of failing sessions can never starve fresh work.
+    For an append-safe processor a file that grew since its last read is an `append`."""
     result = Plan()
     retries: list[tuple[float, Candidate]] = []
     for f in found:
@@ -77,6 +91,23 @@ def plan(found: Iterable[FoundFile], states: dict[str, StoredState], version: st
             state.processor_version is not None
         ):
             result.unchanged += 1
+        elif (
+            append_safe
+            and state.complete_offset is not None
+            and state.size_bytes is not None
+            and f.size > state.size_bytes
+        ):
+            result.candidates.append(
+                Candidate(
+                    f.key,
+                    f.path,
+                    f.size,
+                    f.mtime_ns,
+                    "append",
+                    resume_offset=state.complete_offset,
+                    resume_hash=state.complete_hash,
+                )
+            )
         else:
             result.candidates.append(
                 Candidate(

@@ -35,6 +35,10 @@ class Outcome:
     mtime_ns: int | None = None
     file_hash: str | None = None
     columns: dict[str, Columns] = field(default_factory=dict)  # table -> column -> values
+    increment: bool = False  # rows replace rows by table key, not the session's rows
+    checkpoint: bytes | None = None  # append-safe processors: where to continue from
+    complete_offset: int | None = None
+    complete_hash: str | None = None
     items: int = 0
     malformed_lines: int = 0
     error: str | None = None
@@ -49,12 +53,27 @@ def load_states(con: duckdb.DuckDBPyConnection, processor_name: str) -> dict[str
     rows = con.execute(
         """
         SELECT session_file, size_bytes, mtime_ns, file_hash, processor_version, status,
-               coalesce(attempts, 0), last_attempt_at
+               coalesce(attempts, 0), last_attempt_at, complete_offset, complete_hash
         FROM session_processor_state WHERE processor_name = ?
         """,
         [processor_name],
     ).fetchall()
     return {row[0]: StoredState(*row[1:]) for row in rows}
+
+
+def load_checkpoints(
+    con: duckdb.DuckDBPyConnection, processor_name: str, keys: Sequence[str]
+) -> dict[str, bytes]:
+    """The stored checkpoints of the sessions about to be continued, in one query."""
+    if not keys:
+        return {}
+    rows = con.execute(
+        "SELECT session_file, checkpoint FROM session_processor_state "
+        "WHERE processor_name = $1 AND checkpoint IS NOT NULL "
+        "AND session_file IN (SELECT UNNEST($2))",
+        [processor_name, list(keys)],
+    ).fetchall()
+    return {row[0]: bytes(row[1]) for row in rows}
 
 
 def ensure_outputs(con: duckdb.DuckDBPyConnection, processor: Processor) -> list[str]:
@@ -111,6 +130,30 @@ def _insert_columns(con: duckdb.DuckDBPyConnection, table: Table, columns: Colum
     )
 
 
+def _delete_by_key(con: duckdb.DuckDBPyConnection, table: Table, rows: Columns) -> None:
+    """Remove the rows an increment replaces: those with the same session and key (NULLs in
+    a key compare equal), or, for a table without a key, all rows of the sessions it
+    returned rows for."""
+    if not rows["session_file"]:
+        return
+    if not table.key:
+        con.execute(
+            f"DELETE FROM {table.name} WHERE session_file IN (SELECT UNNEST($1))",
+            [sorted(set(rows["session_file"]))],
+        )
+        return
+    types = dict(zip(table.column_names, table.value_types, strict=True))
+    names = ["session_file", *table.key]
+    select = ", ".join(
+        f"TRY_CAST(UNNEST(${i}) AS {types[name]}) AS {name}" for i, name in enumerate(names, 1)
+    )
+    match = " AND ".join(f"t.{name} IS NOT DISTINCT FROM d.{name}" for name in names)
+    con.execute(
+        f"DELETE FROM {table.name} t USING (SELECT {select}) d WHERE {match}",
+        [rows[name] for name in names],
+    )
+
+
 def _merge(outcomes: Sequence[Outcome], table: Table) -> Columns:
     merged: Columns = {name: [] for name in table.column_names}
     for outcome in outcomes:
@@ -129,20 +172,29 @@ def commit_batch(
 ) -> list[str]:
     """Apply one batch of outcomes atomically; return the keys quarantined by it."""
     processed = [o for o in outcomes if o.status == "processed"]
+    whole = [o for o in processed if not o.increment]
+    increments = [o for o in processed if o.increment]
     unchanged = [o for o in outcomes if o.status == "unchanged"]
     failed = [o for o in outcomes if o.status == "failed"]
     quarantined: list[str] = []
     with transaction(con):
-        if processed:
-            keys = [o.key for o in processed]
+        if whole:
+            keys = [o.key for o in whole]
             for table in processor.tables:
                 con.execute(
                     f"DELETE FROM {table.name} WHERE session_file IN (SELECT UNNEST($1))", [keys]
                 )
-                _insert_columns(con, table, _merge(processed, table))
-            _upsert_read(con, processor, processed, with_items=True)
+                _insert_columns(con, table, _merge(whole, table))
+        for table in processor.tables if increments else ():
+            rows = _merge(increments, table)
+            _delete_by_key(con, table, rows)
+            _insert_columns(con, table, rows)
+        if whole:
+            _upsert_read(con, processor, whole, "whole")
+        if increments:
+            _upsert_read(con, processor, increments, "increment")
         if unchanged:
-            _upsert_read(con, processor, unchanged, with_items=False)
+            _upsert_read(con, processor, unchanged, "unchanged")
         if failed:
             quarantined = _record_failures(con, processor.name, failed, max_attempts)
     return quarantined
@@ -152,15 +204,20 @@ def _upsert_read(
     con: duckdb.DuckDBPyConnection,
     processor: Processor,
     outcomes: Sequence[Outcome],
-    *,
-    with_items: bool,
+    mode: Literal["whole", "increment", "unchanged"],
 ) -> None:
     """Record a successful read. For an unchanged (hash-equal) file only the stat moves on:
     items and processed_at still describe the processing that produced the stored rows."""
+    malformed = (  # an increment read only the new lines: they add to the earlier ones
+        "coalesce(session_processor_state.malformed_lines, 0) + EXCLUDED.malformed_lines"
+        if mode == "increment"
+        else "EXCLUDED.malformed_lines"
+    )
     on_conflict_items = (
         "items_extracted = EXCLUDED.items_extracted, processed_at = EXCLUDED.processed_at, "
-        "malformed_lines = EXCLUDED.malformed_lines,"
-        if with_items
+        "complete_offset = EXCLUDED.complete_offset, complete_hash = EXCLUDED.complete_hash, "
+        f"checkpoint = EXCLUDED.checkpoint, malformed_lines = {malformed},"
+        if mode != "unchanged"
         else ""
     )
     con.execute(
@@ -168,9 +225,10 @@ def _upsert_read(
         INSERT INTO session_processor_state (
             processor_name, session_file, username, processed_at, items_extracted, file_hash,
             processor_version, size_bytes, mtime_ns, read_at, malformed_lines, attempts,
-            last_error, last_attempt_at, status)
+            last_error, last_attempt_at, status, complete_offset, complete_hash, checkpoint)
         SELECT $1, UNNEST($2), UNNEST($3), UNNEST($4), UNNEST($5), UNNEST($6), $7,
-               UNNEST($8), UNNEST($9), UNNEST($10), UNNEST($11), 0, NULL, UNNEST($4), 'ok'
+               UNNEST($8), UNNEST($9), UNNEST($10), UNNEST($11), 0, NULL, UNNEST($4), 'ok',
+               UNNEST($12), UNNEST($13), UNNEST($14)::BLOB
         ON CONFLICT (processor_name, session_file) DO UPDATE SET
             {on_conflict_items}
             file_hash = EXCLUDED.file_hash, processor_version = EXCLUDED.processor_version,
@@ -190,6 +248,9 @@ def _upsert_read(
             [o.mtime_ns for o in outcomes],
             [o.read_at for o in outcomes],
             [o.malformed_lines for o in outcomes],
+            [o.complete_offset for o in outcomes],
+            [o.complete_hash for o in outcomes],
+            [o.checkpoint for o in outcomes],
         ],
     )
 

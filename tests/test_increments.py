@@ -1,0 +1,137 @@
+"""Append-only increments: only new complete lines are read, and the rows equal a full read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from flows.pipeline import run_direct
+from processors.base import Increment, Table
+from processors.session import Session
+from state.db import connect
+
+
+class Tail:
+    """Append-safe: one row per line keyed by its number, plus a per-session summary."""
+
+    name = "tail"
+    version = "1"
+    cadence_seconds = 60
+    append_safe = True
+    views = ()
+    tables = (
+        Table(
+            "tail_lines",
+            (("session_file", "VARCHAR"), ("line_no", "INTEGER"), ("text", "VARCHAR")),
+            key=("line_no",),
+        ),
+        Table(
+            "tail_sessions",
+            (("session_file", "VARCHAR"), ("lines", "INTEGER"), ("last", "VARCHAR")),
+        ),
+    )
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any, int]] = []  # (key, checkpoint given, lines read)
+
+    def process(self, session: Session) -> Any:
+        raise AssertionError("an append-safe processor is driven through process_increment")
+
+    def process_increment(self, session: Session, checkpoint: Any | None) -> Increment:
+        count = checkpoint["count"] if checkpoint else 0
+        last = checkpoint["last"] if checkpoint else None
+        rows, read = [], 0
+        for line in session.lines():
+            count, read, last = count + 1, read + 1, str(line.get("t"))
+            rows.append({"session_file": session.key, "line_no": count, "text": last})
+        self.calls.append((session.key, checkpoint, read))
+        summary = {"session_file": session.key, "lines": count, "last": last}
+        return Increment(
+            {"tail_lines": rows, "tail_sessions": [summary]}, count, {"count": count, "last": last}
+        )
+
+
+def _lines(*texts: str) -> bytes:
+    return b"".join(orjson.dumps({"t": t}) + b"\n" for t in texts)
+
+
+def _tables(db: Path) -> tuple[list[Any], list[Any], list[Any]]:
+    with connect(db) as con:
+        return (
+            con.execute("SELECT * FROM tail_lines ORDER BY ALL").fetchall(),
+            con.execute("SELECT * FROM tail_sessions ORDER BY ALL").fetchall(),
+            con.execute(
+                "SELECT session_file, items_extracted, malformed_lines, complete_offset, size_bytes "
+                "FROM session_processor_state ORDER BY 1"
+            ).fetchall(),
+        )
+
+
+def _full(tmp_path: Path, data_dir: Path) -> tuple[list[Any], list[Any], list[Any]]:
+    """A clean run over the same files into a fresh database."""
+    fresh = tmp_path / f"fresh-{len(list(tmp_path.iterdir()))}.duckdb"
+    run_direct(Tail(), data_dir, fresh, max_attempts=3)
+    return _tables(fresh)
+
+
+def test_an_append_reads_only_the_new_lines(tmp_path: Path, data_dir: Path, db: Path) -> None:
+    path = data_dir / "alice" / "s.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(_lines("a", "b") + b"not json\n" + b'{"t": "par')  # ends mid-line
+    first = Tail()
+    run_direct(first, data_dir, db, max_attempts=3)
+    assert first.calls == [("alice/s.jsonl", None, 2)]
+    with path.open("ab") as f:
+        f.write(b'tial"}\n' + _lines("c") + b"[1]\n")
+    second = Tail()
+    figures = run_direct(second, data_dir, db, max_attempts=3)
+    assert figures.processed == 1
+    assert second.calls == [("alice/s.jsonl", {"count": 2, "last": "b"}, 2)]  # "partial", "c"
+    mine = _tables(db)
+    assert mine == _full(tmp_path, data_dir)
+    assert mine[0][-1] == ("alice/s.jsonl", 4, "c")
+    assert mine[2] == [("alice/s.jsonl", 4, 2, path.stat().st_size, path.stat().st_size)]
+
+
+def test_a_changed_prefix_is_read_whole(tmp_path: Path, data_dir: Path, db: Path) -> None:
+    path = data_dir / "alice" / "s.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(_lines("a", "b"))
+    run_direct(Tail(), data_dir, db, max_attempts=3)
+    path.write_bytes(_lines("A", "b", "c"))  # same length prefix, different bytes, and longer
+    again = Tail()
+    run_direct(again, data_dir, db, max_attempts=3)
+    assert again.calls == [("alice/s.jsonl", None, 3)]
+    assert _tables(db) == _full(tmp_path, data_dir)
+
+
+def test_many_increments_equal_one_full_read(tmp_path: Path, data_dir: Path, db: Path) -> None:
+    path = data_dir / "bob" / "s.jsonl"
+    path.parent.mkdir()
+    body = _lines(*[f"line {i}" for i in range(40)])
+    for cut in (7, 8, 50, 51, 200, 333, 334, len(body) - 1, len(body)):
+        path.write_bytes(body[:cut])
+        run_direct(Tail(), data_dir, db, max_attempts=3)
+    assert _tables(db) == _full(tmp_path, data_dir)
+
+
+def test_a_shorter_file_and_a_version_bump_are_read_whole(
+    tmp_path: Path, data_dir: Path, db: Path
+) -> None:
+    path = data_dir / "carol" / "s.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(_lines("a", "b", "c"))
+    run_direct(Tail(), data_dir, db, max_attempts=3)
+    path.write_bytes(_lines("x"))
+    shorter = Tail()
+    run_direct(shorter, data_dir, db, max_attempts=3)
+    assert shorter.calls == [("carol/s.jsonl", None, 1)]
+    assert _tables(db) == _full(tmp_path, data_dir)
+    bumped = Tail()
+    bumped.version = "2"
+    with path.open("ab") as f:
+        f.write(_lines("y"))
+    run_direct(bumped, data_dir, db, max_attempts=3)
+    assert bumped.calls == [("carol/s.jsonl", None, 2)]
