@@ -15,11 +15,11 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import orjson
 
-from processors.base import Processor, ProcessResult, Table, is_append_safe
+from processors.base import AppendSafe, Processor, ProcessResult, Table, is_append_safe
 from processors.session import Session, SessionIdentity, hash_into, hash_prefix
 from state.plan import Candidate
 from state.store import Columns, Outcome
@@ -134,7 +134,7 @@ def process_candidate(processor: Processor, candidate: Candidate) -> Outcome:
             checkpoint: bytes | None = None
             if append_safe:
                 previous = orjson.loads(candidate.checkpoint) if hasher is not None else None
-                increment = processor.process_increment(session, previous)  # type: ignore[attr-defined]
+                increment = cast(AppendSafe, processor).process_increment(session, previous)
                 result = ProcessResult(increment.rows, increment.items)
                 checkpoint = orjson.dumps(increment.checkpoint)
             else:
