@@ -187,8 +187,10 @@ def run_direct(
     tally = Tally.start(processor, the_plan)
     run_id = start(db, processor, tally)
     try:
-        for batch in batches(the_plan.candidates):
-            outcomes = process_batch(processor, batch, deadline)
+        for number, batch in enumerate(batches(the_plan.candidates)):
+            if number and deadline is not None and time.time() >= deadline:
+                break
+            outcomes = process_batch(processor, batch, deadline, at_least_one=number == 0)
             tally.add(outcomes, commit(db, processor, outcomes, max_attempts), max_attempts)
     except BaseException:
         finish(db, run_id, None, status="failed")

@@ -63,7 +63,7 @@ def process_sessions(
     processor: Processor, index: int, batch: list[Candidate], deadline: float | None
 ) -> list[Outcome]:
     """Read one batch of sessions. Pure: returns outcomes, writes nothing."""
-    return process_batch(processor, batch, deadline)
+    return process_batch(processor, batch, deadline, at_least_one=index == 0)
 
 
 def _ensure_limit(name: str) -> None:

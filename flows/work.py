@@ -173,13 +173,18 @@ def process_candidate(processor: Processor, candidate: Candidate) -> Outcome:
 
 
 def process_batch(
-    processor: Processor, batch: Sequence[Candidate], deadline: float | None = None
+    processor: Processor,
+    batch: Sequence[Candidate],
+    deadline: float | None = None,
+    *,
+    at_least_one: bool = False,
 ) -> list[Outcome]:
     """Process a batch in order. Past the run's deadline (epoch seconds) the rest of the
-    batch is left for the next run rather than holding the processor hostage."""
+    batch is left for the next run rather than holding the processor hostage; with
+    `at_least_one` the first session is read regardless, so every run makes progress."""
     outcomes: list[Outcome] = []
     for candidate in batch:
-        if deadline is not None and time.time() >= deadline:
+        if deadline is not None and time.time() >= deadline and (outcomes or not at_least_one):
             break
         outcomes.append(process_candidate(processor, candidate))
     return outcomes

@@ -5,22 +5,24 @@ Real transcripts stream one line per content block and repeat `message.id`/`requ
 each of them (the old system summed tokens per line and dropped tool calls by keeping one line
 per message). Here requests are keyed on `(message.id, requestId)` keeping the most complete
 line, and tool calls are the union of all blocks deduplicated by `tool_use.id`. Everything is
-one streaming pass; per-request and per-tool-call state is held in dicts.
+one streaming pass over a resumable state whose checkpoint is plain JSON: Claude Code only
+appends, so a later read continues from the checkpoint with only the new lines and returns
+only the rows those lines added or changed.
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from itertools import pairwise
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
-from processors.base import ProcessResult, Table
+from processors.base import Increment, ProcessResult, Table
 from processors.pricing import cost_usd
 from processors.session import Session
 
@@ -41,6 +43,9 @@ USAGE_EVENTS = Table(
     name="usage_events",
     columns=(
         ("session_file", "VARCHAR"),
+        # tool_use_id for tool calls, the line's uuid for slash commands; `line:<n>…` (the
+        # n-th JSON line of the file) when those are missing or taken. Unique per file.
+        ("event_id", "VARCHAR"),
         ("username", "VARCHAR"),
         ("session_id", "VARCHAR"),
         ("agent_id", "VARCHAR"),
@@ -63,6 +68,7 @@ USAGE_EVENTS = Table(
         ("request_id", "VARCHAR"),
         ("occurred_at", "TIMESTAMPTZ"),
     ),
+    key=("event_id",),
 )
 
 USAGE_REQUESTS = Table(
@@ -87,6 +93,7 @@ USAGE_REQUESTS = Table(
         ("agent_id", "VARCHAR"),
         ("occurred_at", "TIMESTAMPTZ"),
     ),
+    key=("message_id", "request_id"),  # request_id may be NULL: compared IS NOT DISTINCT FROM
 )
 
 USAGE_SESSIONS = Table(
@@ -123,6 +130,7 @@ USAGE_SESSIONS = Table(
         ("git_branch", "VARCHAR"),
         ("claude_version", "VARCHAR"),
     ),
+    key=(),  # one row per file, recomputed and replaced whole by every increment
 )
 
 _REQUEST_COLUMNS = ", ".join(USAGE_REQUESTS.column_names)
@@ -277,94 +285,349 @@ def _is_human_turn(line: Mapping[str, Any], content: object) -> bool:
     return any(_block_type(block) in _HUMAN_BLOCKS for block in _blocks(content))
 
 
-# --- per-file accumulation -----------------------------------------------------------------
+# --- resumable per-file state ----------------------------------------------------------------
+#
+# The state is kept in the shape of its checkpoint, so handing it over costs nothing and loading
+# it only rebuilds a few indexes. Events and requests are lists of column values in table order
+# (without session_file and username, which come from the path); every VARCHAR value is an
+# index into `strings` (ids, models and paths repeat across rows) and every TIMESTAMPTZ value is
+# integer microseconds since the epoch. A request entry ends with one more value: whether its
+# line had a usage object at all (unknown tokens: no cost, not a zero cost). Entries are never
+# changed in place but replaced, so the checkpoint handed in stays as it was (a retry can reuse
+# it) for the price of copying a few lists, not every entry.
+
+CHECKPOINT_FORMAT = 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_IDLE_GAP_MICROS = round(IDLE_GAP_SECONDS * 1_000_000)
+_PER_FILE = frozenset({"session_file", "username"})
+_STRING, _TIME, _PLAIN = "s", "t", "v"
+_SLASH = "slash_command"
 
 
-@dataclass
-class _Request:
-    """The most complete line seen so far for one API request."""
+@dataclass(frozen=True)
+class _Layout:
+    """Which columns an entry stores, in order, and how each value is packed."""
 
-    row: dict[str, Any]
-    score: tuple[bool, int]
-    # (input, output, cache write 5m, cache write 1h, cache read) to price once at the end;
-    # None when the line had no usage object at all (unknown tokens: no cost, not zero).
-    priced_tokens: tuple[int, int, int, int, int] | None
+    table: Table
+    fields: tuple[str, ...]
+    packing: tuple[tuple[str, bool], ...]  # (name, is a VARCHAR) per stored column
+    strings: tuple[tuple[int, str], ...]  # (position, name) of the VARCHAR columns
+    times: tuple[tuple[int, str], ...]  # … and of the TIMESTAMPTZ ones
+
+    @classmethod
+    def of(cls, table: Table) -> _Layout:
+        packing = {"VARCHAR": _STRING, "TIMESTAMPTZ": _TIME}
+        stored = [
+            (name, packing.get(sql_type, _PLAIN))
+            for name, sql_type in zip(table.column_names, table.value_types, strict=True)
+            if name not in _PER_FILE
+        ]
+        return cls(
+            table,
+            tuple(n for n, _ in stored),
+            tuple((n, k == _STRING) for n, k in stored),
+            tuple((i, n) for i, (n, k) in enumerate(stored) if k == _STRING),
+            tuple((i, n) for i, (n, k) in enumerate(stored) if k == _TIME),
+        )
+
+    def at(self, name: str) -> int:
+        return self.fields.index(name)
 
 
-@dataclass
-class _Accumulator:
-    """Everything gathered during the single pass over one file."""
+_EVENTS = _Layout.of(USAGE_EVENTS)
+_E_EVENT_ID = _EVENTS.at("event_id")
+_E_TYPE = _EVENTS.at("event_type")
+_E_TOOL = _EVENTS.at("tool_name")
+_E_SKILL = _EVENTS.at("skill_name")
+_E_TOOL_USE_ID = _EVENTS.at("tool_use_id")
+_E_IS_ERROR = _EVENTS.at("is_error")
 
-    session: Session
-    lines: int = 0
-    timestamps: list[float] = field(default_factory=list)
-    started: datetime | None = None
-    ended: datetime | None = None
-    user_messages: int = 0
-    events: list[dict[str, Any]] = field(default_factory=list)
-    tool_events: dict[str, dict[str, Any]] = field(default_factory=dict)
-    tool_results: dict[str, bool] = field(default_factory=dict)
-    requests: dict[tuple[str | None, str | None], _Request] = field(default_factory=dict)
-    line_session_id: str | None = None
-    cwd: str | None = None
-    git_branch: str | None = None
-    claude_version: str | None = None
+_REQUESTS = _Layout.of(USAGE_REQUESTS)
+_R_SESSION_ID = _REQUESTS.at("session_id")
+_R_AGENT_ID = _REQUESTS.at("agent_id")
+_R_SIDECHAIN = _REQUESTS.at("is_sidechain")
+_R_SERVICE_TIER = _REQUESTS.at("service_tier")
+_R_MESSAGE = _REQUESTS.at("message_id")
+_R_REQUEST = _REQUESTS.at("request_id")
+_R_MODEL = _REQUESTS.at("model")
+_R_INPUT = _REQUESTS.at("input_tokens")
+_R_OUTPUT = _REQUESTS.at("output_tokens")
+_R_CACHE_WRITE = _REQUESTS.at("cache_creation_input_tokens")
+_R_CACHE_READ = _REQUESTS.at("cache_read_input_tokens")
+_R_WRITE_5M = _REQUESTS.at("cache_creation_5m_input_tokens")
+_R_WRITE_1H = _REQUESTS.at("cache_creation_1h_input_tokens")
+_R_COST = _REQUESTS.at("cost_usd")
+_R_STOP = _REQUESTS.at("stop_reason")
+_R_AT = _REQUESTS.at("occurred_at")
+_R_HAS_USAGE = len(_REQUESTS.fields)  # the extra value after the columns
+_SUMMED = (
+    ("input_tokens", _R_INPUT),
+    ("output_tokens", _R_OUTPUT),
+    ("cache_creation_input_tokens", _R_CACHE_WRITE),
+    ("cache_read_input_tokens", _R_CACHE_READ),
+)
 
-    def common(self, line: Mapping[str, Any]) -> dict[str, Any]:
-        """Columns every row of a line shares."""
+
+def _micros(value: datetime) -> int:
+    """Exact integer microseconds: spans add up with no float drift, however they are split."""
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def _from_micros(value: int) -> datetime:
+    return _EPOCH + value * _MICROSECOND
+
+
+def _score(entry: list[Any]) -> tuple[bool, int]:
+    """How complete a request's line is: a stop_reason first, then the most tokens."""
+    return entry[_R_STOP] is not None, (
+        (entry[_R_INPUT] or 0)
+        + (entry[_R_OUTPUT] or 0)
+        + (entry[_R_CACHE_WRITE] or 0)
+        + (entry[_R_CACHE_READ] or 0)
+    )
+
+
+def _priced(entry: list[Any]) -> tuple[int, int, int, int, int]:
+    """(input, output, cache write 5m, cache write 1h, cache read) as priced. Without the
+    5m/1h split every cache write is priced at the 5m rate."""
+    write_5m, write_1h = entry[_R_WRITE_5M], entry[_R_WRITE_1H]
+    has_split = write_5m is not None or write_1h is not None
+    return (
+        entry[_R_INPUT] or 0,
+        entry[_R_OUTPUT] or 0,
+        (write_5m or 0) if has_split else (entry[_R_CACHE_WRITE] or 0),
+        write_1h or 0,
+        entry[_R_CACHE_READ] or 0,
+    )
+
+
+def _replace(
+    entries: list[list[Any]], before: dict[int, list[Any] | None], index: int, entry: list[Any]
+) -> None:
+    """Put a new version of an entry in place, remembering the one before this read's first
+    change (entries are never changed in place, so keeping the old list is enough)."""
+    before.setdefault(index, entries[index])
+    entries[index] = entry
+
+
+def _changed(
+    entries: list[list[Any]], before: dict[int, list[Any] | None], width: int
+) -> list[int]:
+    """The entries added, or whose columns (the first `width` values) differ from before."""
+    return sorted(
+        i for i, old in before.items() if old is None or old[:width] != entries[i][:width]
+    )
+
+
+def _empty_checkpoint() -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "lines": 0,  # JSON-object lines read: also the ordinal of the last one
+        "malformed_lines": 0,
+        "user_messages": 0,
+        "session_id": None,  # the first sessionId on a line
+        "cwd": None,  # the first cwd
+        "git_branch": None,  # the last gitBranch
+        "claude_version": None,  # the last version
+        "agent_type": None,  # from the subagent meta file, read until found
+        "spans": [],  # [first, last] µs of each run of timestamps with no idle gap, sorted
+        "strings": [],
+        "events": [],
+        "requests": [],
+        "results": {},  # tool_use_id -> failed, for results whose tool_use is not seen yet
+    }
+
+
+class _UsageState:
+    """Everything a read of one file leaves behind, resumable from its checkpoint.
+
+    Counts the rows each read adds or changes, so an increment returns only those.
+    """
+
+    def __init__(self, checkpoint: Any | None) -> None:
+        if checkpoint is None:
+            checkpoint = _empty_checkpoint()
+        elif not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError("not a usage checkpoint of this format; read the file whole")
+        # Fresh containers (entries are shared: they are replaced, never changed in place).
+        self.strings: list[str] = list(checkpoint["strings"])
+        self.events: list[list[Any]] = list(checkpoint["events"])
+        self.requests: list[list[Any]] = list(checkpoint["requests"])
+        self.results: dict[str, bool] = dict(checkpoint["results"])
+        self.spans: list[list[int]] = [list(span) for span in checkpoint["spans"]]
+        self.data: dict[str, Any] = {
+            **checkpoint,
+            "strings": self.strings,
+            "events": self.events,
+            "requests": self.requests,
+            "results": self.results,
+            "spans": self.spans,
+        }
+        # Indexes over the entries: rebuilt on load, never stored.
+        self.string_ids = {text: i for i, text in enumerate(self.strings)}
+        self.request_at = {
+            (entry[_R_MESSAGE], entry[_R_REQUEST]): i for i, entry in enumerate(self.requests)
+        }
+        self.tool_at = {
+            entry[_E_TOOL_USE_ID]: i
+            for i, entry in enumerate(self.events)
+            if entry[_E_TOOL_USE_ID] is not None
+        }
+        self.event_ids = {entry[_E_EVENT_ID] for entry in self.events}
+        # Each entry this read added (None) or changed (a copy as it was before): a row is
+        # returned when it differs from that, not whenever a line touched it.
+        self.events_before: dict[int, list[Any] | None] = {}
+        self.requests_before: dict[int, list[Any] | None] = {}
+
+    # --- packing ---
+
+    def _id(self, text: str | None) -> int | None:
+        """The index of a string in the table, adding it when new."""
+        if text is None:
+            return None
+        found = self.string_ids.get(text)
+        if found is None:  # (new strings are rare: ids, models and paths repeat)
+            found = self.string_ids[text] = len(self.strings)
+            self.strings.append(text)
+        return found
+
+    def _text(self, index: int | None) -> str | None:
+        return None if index is None else self.strings[index]
+
+    def _pack(self, layout: _Layout, values: Mapping[str, Any]) -> list[Any]:
+        intern, get = self._id, values.get
+        return [intern(get(name)) if is_string else get(name) for name, is_string in layout.packing]
+
+    def _row(self, session: Session, layout: _Layout, entry: list[Any]) -> dict[str, Any]:
+        """An entry as a complete row, columns in table order."""
+        row = dict(zip(layout.fields, entry, strict=False))
+        row["session_file"], row["username"] = session.key, session.username
+        strings = self.strings
+        for i, name in layout.strings:
+            if entry[i] is not None:
+                row[name] = strings[entry[i]]
+        for i, name in layout.times:
+            if entry[i] is not None:
+                row[name] = _iso(_from_micros(entry[i]))
+        return {name: row[name] for name in layout.table.column_names}
+
+    # --- lines ---
+
+    def add_line(self, session: Session, line: Mapping[str, Any]) -> None:
+        """Count a line, record its time and workspace context, and take what it carries."""
+        data = self.data
+        data["lines"] += 1
+        data["session_id"] = data["session_id"] or _str(line.get("sessionId"))
+        data["cwd"] = data["cwd"] or _str(line.get("cwd"))
+        data["git_branch"] = _str(line.get("gitBranch")) or data["git_branch"]
+        data["claude_version"] = _str(line.get("version")) or data["claude_version"]
+        ts = _timestamp(line.get("timestamp"))
+        at = _micros(ts) if ts is not None else None
+        if at is not None:
+            self._add_time(at)
+        line_type = line.get("type")
+        if line_type == "user":
+            self._add_user(session, line, at)
+        elif line_type == "assistant":
+            self._add_assistant(session, line, at)
+
+    def _add_time(self, at: int) -> None:
+        """Merge a timestamp into the activity spans. The sum of gaps of at most the idle gap
+        between sorted timestamps is the sum of span lengths, whatever order lines came in."""
+        spans = self.spans
+        if spans and spans[-1][0] <= at <= spans[-1][1] + _IDLE_GAP_MICROS:
+            spans[-1][1] = max(spans[-1][1], at)  # the usual case: lines come in order
+            return
+        i = bisect_right(spans, at, key=lambda span: span[0])  # spans[i-1][0] <= at < spans[i][0]
+        left = spans[i - 1] if i > 0 else None
+        right = spans[i] if i < len(spans) else None
+        if left is not None and at <= left[1]:
+            return
+        joins_left = left is not None and at - left[1] <= _IDLE_GAP_MICROS
+        joins_right = right is not None and right[0] - at <= _IDLE_GAP_MICROS
+        if left is not None and right is not None and joins_left and joins_right:
+            left[1] = right[1]
+            del spans[i]
+        elif left is not None and joins_left:
+            left[1] = at
+        elif right is not None and joins_right:
+            right[0] = at
+        else:
+            spans.insert(i, [at, at])
+
+    def _common(self, session: Session, line: Mapping[str, Any]) -> dict[str, Any]:
+        """Columns every row of a line shares (besides the per-file ones)."""
         return {
-            "session_file": self.session.key,
-            "username": self.session.username,
-            "session_id": _str(line.get("sessionId")) or self.session.session_id,
-            "agent_id": _str(line.get("agentId")) or self.session.agent_id,
+            "session_id": _str(line.get("sessionId")) or session.session_id,
+            "agent_id": _str(line.get("agentId")) or session.agent_id,
             "is_sidechain": line.get("isSidechain") is True,
         }
 
-    def see_line(self, line: Mapping[str, Any]) -> datetime | None:
-        """Count a line and record its time and workspace context."""
-        self.lines += 1
-        self.line_session_id = self.line_session_id or _str(line.get("sessionId"))
-        self.cwd = self.cwd or _str(line.get("cwd"))
-        self.git_branch = _str(line.get("gitBranch")) or self.git_branch
-        self.claude_version = _str(line.get("version")) or self.claude_version
-        ts = _timestamp(line.get("timestamp"))
-        if ts is not None:
-            self.timestamps.append(ts.timestamp())
-            self.started = ts if self.started is None or ts < self.started else self.started
-            self.ended = ts if self.ended is None or ts > self.ended else self.ended
-        return ts
+    def _event_id(self, preferred: str | None, fallback: str) -> str:
+        """A key no other event of the file has: rows are replaced by it."""
+        for candidate in (preferred, fallback):
+            if candidate is not None and self.string_ids.get(candidate) not in self.event_ids:
+                return candidate
+        n = 2
+        while self.string_ids.get(f"{fallback}#{n}") in self.event_ids:
+            n += 1
+        return f"{fallback}#{n}"
 
-    def add_user(self, line: Mapping[str, Any], ts: datetime | None) -> None:
+    def _add_event(self, values: Mapping[str, Any]) -> None:
+        entry = self._pack(_EVENTS, values)
+        index = len(self.events)
+        self.events.append(entry)
+        self.event_ids.add(entry[_E_EVENT_ID])
+        if entry[_E_TOOL_USE_ID] is not None:
+            self.tool_at[entry[_E_TOOL_USE_ID]] = index
+        self.events_before[index] = None
+
+    def _add_user(self, session: Session, line: Mapping[str, Any], at: int | None) -> None:
         """Tool outcomes, human turns and typed slash commands from a user line."""
         message = line.get("message")
         if not isinstance(message, dict):
             return
         content = message.get("content")
         for block in _blocks(content):
-            if block.get("type") != "tool_result":
-                continue
-            tool_use_id = _str(block.get("tool_use_id"))
-            if tool_use_id is not None:
-                failed = block.get("is_error") is True
-                self.tool_results[tool_use_id] = self.tool_results.get(tool_use_id, False) or failed
+            if block.get("type") == "tool_result":
+                tool_use_id = _str(block.get("tool_use_id"))
+                if tool_use_id is not None:
+                    self._add_result(tool_use_id, failed=block.get("is_error") is True)
         if _is_human_turn(line, content):
-            self.user_messages += 1
+            self.data["user_messages"] += 1
         command = slash_command(content) if _may_be_typed(line) else None
         if command is not None:
             name, args = command
-            self.events.append(
+            event_id = self._event_id(_str(line.get("uuid")), f"line:{self.data['lines']}")
+            self._add_event(
                 {
-                    **self.common(line),
-                    "event_type": "slash_command",
+                    **self._common(session, line),
+                    "event_id": event_id,
+                    "event_type": _SLASH,
                     "command_name": name,
                     "command_args": args,
                     "cwd": _str(line.get("cwd")),
                     "git_branch": _str(line.get("gitBranch")),
-                    "occurred_at": _iso(ts),
+                    "occurred_at": at,
                 }
             )
 
-    def add_assistant(self, line: Mapping[str, Any], ts: datetime | None) -> None:
+    def _add_result(self, tool_use_id: str, failed: bool) -> None:
+        """A tool call failed when any of its results says so; a result may come before its
+        call (or in another read), so it waits in `results` until the call is seen."""
+        index = self.tool_at.get(self.string_ids.get(tool_use_id))
+        if index is None:
+            self.results[tool_use_id] = self.results.get(tool_use_id, False) or failed
+            return
+        entry = self.events[index]
+        outcome = entry[_E_IS_ERROR] is True or failed
+        if entry[_E_IS_ERROR] != outcome:
+            entry = entry[:]
+            entry[_E_IS_ERROR] = outcome
+            _replace(self.events, self.events_before, index, entry)
+
+    def _add_assistant(self, session: Session, line: Mapping[str, Any], at: int | None) -> None:
         """Tool calls and the API request from one streamed line of a response."""
         message = line.get("message")
         if not isinstance(message, dict):
@@ -374,59 +637,65 @@ class _Accumulator:
             return  # a client-side API error notice, not a request
         message_id = _str(message.get("id"))
         request_id = _str(line.get("requestId"))
-        common = self.common(line)
-        for block in _blocks(message.get("content")):
+        common = self._common(session, line)
+        for position, block in enumerate(_blocks(message.get("content"))):
             if block.get("type") == "tool_use":
-                self._add_tool_use(block, common, line, model, message_id, request_id, ts)
+                self._add_tool_use(block, position, common, line, model, message_id, request_id, at)
         if message_id is not None or request_id is not None:
-            self._add_request((message_id, request_id), message, common, model, ts)
+            self._add_request(message_id, request_id, message, common, model, at)
 
     def _add_tool_use(
         self,
         block: Mapping[str, Any],
+        position: int,
         common: dict[str, Any],
         line: Mapping[str, Any],
         model: str | None,
         message_id: str | None,
         request_id: str | None,
-        ts: datetime | None,
+        at: int | None,
     ) -> None:
         name = _str(block.get("name"))
         if name is None:
             return
         tool_use_id = _str(block.get("id"))
-        if tool_use_id is not None and tool_use_id in self.tool_events:
+        if tool_use_id is not None and self.string_ids.get(tool_use_id) in self.tool_at:
             return  # the same block repeated on another streamed line of the response
         kind = classify_tool(name, block.get("input"))
-        event = {
-            **common,
-            "event_type": kind.event_type,
-            "tool_name": name,
-            "skill_name": kind.skill_name,
-            "subagent_type": kind.subagent_type,
-            "mcp_server": kind.mcp_server,
-            "mcp_tool": kind.mcp_tool,
-            "mcp_plugin": kind.mcp_plugin,
-            "tool_use_id": tool_use_id,
-            "model": model,
-            "cwd": _str(line.get("cwd")),
-            "git_branch": _str(line.get("gitBranch")),
-            "message_id": message_id,
-            "request_id": request_id,
-            "occurred_at": _iso(ts),
-        }
-        self.events.append(event)
-        if tool_use_id is not None:
-            self.tool_events[tool_use_id] = event
+        self._add_event(
+            {
+                **common,
+                "event_id": self._event_id(tool_use_id, f"line:{self.data['lines']}:{position}"),
+                "event_type": kind.event_type,
+                "tool_name": name,
+                "skill_name": kind.skill_name,
+                "subagent_type": kind.subagent_type,
+                "mcp_server": kind.mcp_server,
+                "mcp_tool": kind.mcp_tool,
+                "mcp_plugin": kind.mcp_plugin,
+                "tool_use_id": tool_use_id,
+                # Results seen before the call; None until one arrives.
+                "is_error": self.results.pop(tool_use_id, None) if tool_use_id else None,
+                "model": model,
+                "cwd": _str(line.get("cwd")),
+                "git_branch": _str(line.get("gitBranch")),
+                "message_id": message_id,
+                "request_id": request_id,
+                "occurred_at": at,
+            }
+        )
 
     def _add_request(
         self,
-        key: tuple[str | None, str | None],
+        message_id: str | None,
+        request_id: str | None,
         message: Mapping[str, Any],
         common: dict[str, Any],
         model: str | None,
-        ts: datetime | None,
+        at: int | None,
     ) -> None:
+        """Keep the most complete line of a request: a streamed response repeats its ids on
+        every line, with placeholder figures until the last."""
         raw_usage = message.get("usage")
         usage = _dict(raw_usage)
         input_tokens = _int(usage.get("input_tokens"))
@@ -439,125 +708,122 @@ class _Accumulator:
         has_split = write_5m is not None or write_1h is not None
         if has_split and cache_write is None:
             cache_write = (write_5m or 0) + (write_1h or 0)
-        stop_reason = _str(message.get("stop_reason"))
-        total = sum(n or 0 for n in (input_tokens, output_tokens, cache_write, cache_read))
-        score = (stop_reason is not None, total)
+        intern = self._id
+        # Built in place, not packed from a dict: this runs for every streamed line.
+        entry: list[Any] = [None] * (_R_HAS_USAGE + 1)
+        entry[_R_INPUT] = input_tokens
+        entry[_R_OUTPUT] = output_tokens
+        entry[_R_CACHE_WRITE] = cache_write
+        entry[_R_CACHE_READ] = cache_read
+        entry[_R_STOP] = intern(_str(message.get("stop_reason")))
 
-        previous = self.requests.get(key)
-        if previous is not None and score < previous.score:
+        key = (intern(message_id), intern(request_id))
+        index = self.request_at.get(key)
+        previous = self.requests[index] if index is not None else None
+        if index is not None and previous is not None and _score(entry) < _score(previous):
             # Keep the complete line's figures, but not its blank fields.
-            previous.row["model"] = previous.row["model"] or model
+            if previous[_R_MODEL] is None and model is not None:
+                filled = previous[:]
+                filled[_R_MODEL] = intern(model)
+                filled[_R_COST] = self._cost(filled)
+                _replace(self.requests, self.requests_before, index, filled)
             return
-        priced_tokens: tuple[int, int, int, int, int] | None = None
-        if isinstance(raw_usage, dict):
-            # Without the 5m/1h split every cache write is priced at the 5m rate.
-            priced_5m = (write_5m or 0) if has_split else (cache_write or 0)
-            priced_tokens = (
-                input_tokens or 0,
-                output_tokens or 0,
-                priced_5m,
-                write_1h or 0,
-                cache_read or 0,
-            )
-        first_seen = previous.row["occurred_at"] if previous is not None else None
-        row = {
-            "session_file": common["session_file"],
-            "username": common["username"],
-            "session_id": common["session_id"],
-            "message_id": key[0],
-            "request_id": key[1],
-            "model": model or (previous.row["model"] if previous is not None else None),
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "cache_creation_input_tokens": cache_write,
-            "cache_read_input_tokens": cache_read,
-            "cache_creation_5m_input_tokens": write_5m if has_split else None,
-            "cache_creation_1h_input_tokens": write_1h if has_split else None,
-            "cost_usd": None,
-            "stop_reason": stop_reason,
-            "service_tier": _str(usage.get("service_tier")),
-            "is_sidechain": common["is_sidechain"],
-            "agent_id": common["agent_id"],
-            "occurred_at": first_seen or _iso(ts),
-        }
-        self.requests[key] = _Request(row=row, score=score, priced_tokens=priced_tokens)
+        entry[_R_SESSION_ID] = intern(common["session_id"])
+        entry[_R_AGENT_ID] = intern(common["agent_id"])
+        entry[_R_SIDECHAIN] = common["is_sidechain"]
+        entry[_R_MESSAGE], entry[_R_REQUEST] = key
+        if model is not None:
+            entry[_R_MODEL] = intern(model)
+        elif previous is not None:
+            entry[_R_MODEL] = previous[_R_MODEL]
+        if has_split:
+            entry[_R_WRITE_5M], entry[_R_WRITE_1H] = write_5m, write_1h
+        entry[_R_SERVICE_TIER] = intern(_str(usage.get("service_tier")))
+        # The first line of the response, not the most complete one.
+        first_seen = previous[_R_AT] if previous is not None else None
+        entry[_R_AT] = first_seen if first_seen is not None else at
+        entry[_R_HAS_USAGE] = isinstance(raw_usage, dict)
+        entry[_R_COST] = self._cost(entry)
+        if index is None or previous is None:
+            self.request_at[key] = index = len(self.requests)
+            self.requests.append(entry)
+            self.requests_before[index] = None
+        else:
+            _replace(self.requests, self.requests_before, index, entry)
 
-    def active_seconds(self) -> float:
-        """Time between consecutive activity, leaving out idle gaps longer than 5 minutes."""
-        ordered = sorted(self.timestamps)
-        return float(
-            sum(
-                gap
-                for earlier, later in pairwise(ordered)
-                if (gap := later - earlier) <= IDLE_GAP_SECONDS
-            )
-        )
+    def _cost(self, entry: list[Any]) -> float | None:
+        if not entry[_R_HAS_USAGE]:
+            return None
+        return cost_usd(self._text(entry[_R_MODEL]), *_priced(entry))
 
-    def result(self) -> ProcessResult:
-        for tool_use_id, event in self.tool_events.items():
-            event["is_error"] = self.tool_results.get(tool_use_id)
-        for request in self.requests.values():
-            if request.priced_tokens is not None:
-                request.row["cost_usd"] = cost_usd(request.row["model"], *request.priced_tokens)
-        requests = [request.row for request in self.requests.values()]
-        summary = self.summary(requests)
-        return ProcessResult(
+    # --- results ---
+
+    def increment(self, session: Session) -> Increment:
+        """The rows this read added or changed, the summary, and the state to continue from."""
+        data = self.data
+        data["malformed_lines"] += session.malformed_lines
+        if data["agent_type"] is None:
+            data["agent_type"] = read_agent_type(session)
+        events = [
+            self._row(session, _EVENTS, self.events[i])
+            for i in _changed(self.events, self.events_before, len(_EVENTS.fields))
+        ]
+        requests = [
+            self._row(session, _REQUESTS, self.requests[i])
+            for i in _changed(self.requests, self.requests_before, len(_REQUESTS.fields))
+        ]
+        return Increment(
             rows={
-                USAGE_EVENTS.name: _complete(USAGE_EVENTS, self.events),
-                USAGE_REQUESTS.name: _complete(USAGE_REQUESTS, requests),
-                USAGE_SESSIONS.name: _complete(USAGE_SESSIONS, [summary]),
+                USAGE_EVENTS.name: events,
+                USAGE_REQUESTS.name: requests,
+                USAGE_SESSIONS.name: [self.summary(session)],
             },
-            items=len(self.events) + len(requests),
+            items=len(self.events) + len(self.requests),
+            checkpoint=data,
         )
 
-    def summary(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
-        session = self.session
-        tool_calls = [e for e in self.events if e["event_type"] != "slash_command"]
-        by_type = Counter(e["event_type"] for e in self.events)
-        models = Counter(r["model"] for r in requests if r["model"] is not None)
-        costs = [r["cost_usd"] for r in requests if r["cost_usd"] is not None]
-
-        def total(column: str) -> int:
-            return sum(r[column] or 0 for r in requests)
-
-        return {
+    def summary(self, session: Session) -> dict[str, Any]:
+        """The file's summary row, recomputed from every entry: totals and the primary model
+        then come out exactly as a whole read gives them (float sums in the same order)."""
+        data, strings, requests = self.data, self.strings, self.requests
+        by_type = Counter(strings[entry[_E_TYPE]] for entry in self.events)
+        tool_calls = [entry for entry in self.events if strings[entry[_E_TYPE]] != _SLASH]
+        models = Counter(entry[_R_MODEL] for entry in requests if entry[_R_MODEL] is not None)
+        costs = [entry[_R_COST] for entry in requests if entry[_R_COST] is not None]
+        spans = self.spans
+        row = {
             "session_file": session.key,
             "username": session.username,
-            "session_id": session.session_id or self.line_session_id,
+            "session_id": session.session_id or data["session_id"],
             "agent_id": session.agent_id,
             "is_subagent": session.is_subagent,
-            "agent_type": read_agent_type(session),
-            "started_at": _iso(self.started),
-            "ended_at": _iso(self.ended),
-            "active_seconds": self.active_seconds(),
-            "user_messages": self.user_messages,
+            "agent_type": data["agent_type"],
+            "started_at": _iso(_from_micros(spans[0][0])) if spans else None,
+            "ended_at": _iso(_from_micros(spans[-1][1])) if spans else None,
+            # Time between consecutive activity, leaving out idle gaps longer than 5 minutes.
+            "active_seconds": sum(last - first for first, last in spans) / 1_000_000,
+            "user_messages": data["user_messages"],
             "assistant_messages": len(requests),
-            "lines": self.lines,
-            "malformed_lines": session.malformed_lines,
+            "lines": data["lines"],
+            "malformed_lines": data["malformed_lines"],
             "tool_calls": len(tool_calls),
-            "tool_errors": sum(1 for e in tool_calls if e.get("is_error") is True),
+            "tool_errors": sum(1 for entry in tool_calls if entry[_E_IS_ERROR] is True),
             "skill_calls": by_type["skill"],
             "subagent_calls": by_type["subagent"],
             "mcp_calls": by_type["mcp"],
-            "slash_commands": by_type["slash_command"],
-            "distinct_tools": len({e["tool_name"] for e in tool_calls}),
-            "distinct_skills": len({e["skill_name"] for e in tool_calls if e.get("skill_name")}),
-            "primary_model": models.most_common(1)[0][0] if models else None,
-            "input_tokens": total("input_tokens"),
-            "output_tokens": total("output_tokens"),
-            "cache_creation_input_tokens": total("cache_creation_input_tokens"),
-            "cache_read_input_tokens": total("cache_read_input_tokens"),
+            "slash_commands": by_type[_SLASH],
+            "distinct_tools": len({entry[_E_TOOL] for entry in tool_calls}),
+            "distinct_skills": len(
+                {entry[_E_SKILL] for entry in tool_calls if entry[_E_SKILL] is not None}
+            ),
+            "primary_model": strings[models.most_common(1)[0][0]] if models else None,
+            **{name: sum(entry[i] or 0 for entry in requests) for name, i in _SUMMED},
             "cost_usd": sum(costs) if costs else None,
-            "cwd": self.cwd,
-            "git_branch": self.git_branch,
-            "claude_version": self.claude_version,
+            "cwd": data["cwd"],
+            "git_branch": data["git_branch"],
+            "claude_version": data["claude_version"],
         }
-
-
-def _complete(table: Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows with every column present, in table order, so any insert path sees one shape."""
-    names = table.column_names
-    return [{name: row.get(name) for name in names} for row in rows]
+        return {name: row[name] for name in USAGE_SESSIONS.column_names}
 
 
 def read_agent_type(session: Session) -> str | None:
@@ -576,21 +842,27 @@ def read_agent_type(session: Session) -> str | None:
 
 
 class UsageProcessor:
-    """Turns one transcript into usage events, deduplicated requests and a session summary."""
+    """Turns one transcript into usage events, deduplicated requests and a session summary.
+
+    Append-safe: `process_increment` continues from the checkpoint of the previous read with
+    only the lines appended since, and returns only the rows they added or changed.
+    """
 
     name = "usage"
     version = "1"
     cadence_seconds = 600
+    append_safe = True
     tables: tuple[Table, ...] = (USAGE_EVENTS, USAGE_REQUESTS, USAGE_SESSIONS)
     views: tuple[str, ...] = (USAGE_REQUESTS_UNIQUE_VIEW,)
 
     def process(self, session: Session) -> ProcessResult:
-        acc = _Accumulator(session)
+        increment = self.process_increment(session, None)
+        return ProcessResult(rows=increment.rows, items=increment.items)
+
+    def process_increment(self, session: Session, checkpoint: Any | None) -> Increment:
+        """Continue from `checkpoint` (None: from the start of the file) with the session's
+        lines; the returned checkpoint is plain JSON (dicts, lists, str, int, float, bool)."""
+        state = _UsageState(checkpoint)
         for line in session.lines():
-            ts = acc.see_line(line)
-            line_type = line.get("type")
-            if line_type == "user":
-                acc.add_user(line, ts)
-            elif line_type == "assistant":
-                acc.add_assistant(line, ts)
-        return acc.result()
+            state.add_line(session, line)
+        return state.increment(session)

@@ -285,14 +285,15 @@ def test_new_sessions_go_before_retries(data_dir: Path, db: Path) -> None:
 
 
 def test_time_budget_defers_the_rest(data_dir: Path, db: Path) -> None:
+    """Past the budget no new session starts; the first always does, so runs make progress."""
     for i in range(3):
         write_session(data_dir, f"alice/s{i}.jsonl", [user_line(str(i))])
     proc = Recorder()
-    proc.during = lambda session: __import__("time").sleep(0.6)
+    proc.during = lambda session: __import__("time").sleep(1.2)  # one session outlasts the budget
     figures = run_direct(proc, data_dir, db, max_attempts=5, time_budget_seconds=1).as_dict()
-    assert figures["processed"] == 2 and figures["deferred"] == 1
+    assert (figures["processed"], figures["deferred"], figures["errors"]) == (1, 2, 0)
     proc.during = None
-    assert _run(proc, data_dir, db)["processed"] == 1
+    assert _run(proc, data_dir, db)["processed"] == 2
 
 
 def test_wrong_return_type_counts_as_zero_items_and_is_marked(data_dir: Path, db: Path) -> None:
