@@ -5,11 +5,17 @@ after the processor (so concurrent triggers, from any number of webhook processe
 the old system's in-process lock let two workers run one processor at once), refuses with 409
 while that processor has a run going or about to start, and otherwise creates a flow run of
 its deployment through the Prefect REST API. Every call is written to `trigger_audit`.
+
+Hostile clients get bounded answers: no endpoint takes a body, so a body over 64 KB is refused
+with 413 before it is read (a streamed one the moment it passes the limit), a body or request
+head that trickles in slower than the timeouts is dropped, bad query parameters get 422 with a
+one-line detail, and past `MAX_CONNECTIONS` new requests get 503 instead of piling up.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import ipaddress
 import os
@@ -21,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from flows.cadence import interval_seconds
@@ -40,6 +47,12 @@ DEFAULT_PORT = 8787
 TRIGGER_LEASE_SECONDS = 60
 WAIT_POLL_SECONDS = 0.5
 TRIGGER_TAG = "trigger:webhook"
+MAX_WAIT_SECONDS = 24 * 3600
+# Limits against hostile or broken clients (see RequestLimits and server_config).
+MAX_BODY_BYTES = 64 * 1024  # no endpoint reads a body
+BODY_TIMEOUT_SECONDS = 15.0  # a body must arrive within this, once its head has
+HEAD_TIMEOUT_SECONDS = 15.0  # a connection must complete a request head within this
+MAX_CONNECTIONS = 500  # open connections and running requests; past it, 503
 
 
 class Refusal(Exception):
@@ -221,12 +234,94 @@ class Webhook:
         return listing
 
 
+async def _refuse(send: Any, status: int, detail: str) -> None:
+    """A JSON answer that also closes the connection (the rest of the request is unread)."""
+    body = orjson.dumps({"detail": detail})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestLimits:
+    """Pure ASGI middleware bounding what a request may send before the app runs.
+
+    A declared `Content-Length` over `max_body` is refused with 413 at once, its body never
+    read. Otherwise the body is read here, counted as it streams in (a chunked body is refused
+    the moment it passes the limit), and must arrive within `body_timeout` (else 408); the app
+    then gets it replayed. The server never buffers more than `max_body` of any request.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        max_body: int = MAX_BODY_BYTES,
+        body_timeout: float = BODY_TIMEOUT_SECONDS,
+    ) -> None:
+        self.app, self.max_body, self.body_timeout = app, max_body, body_timeout
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_big = f"Request body over {self.max_body} bytes; no endpoint takes a body"
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and int(declared) > self.max_body:  # h11 checked it is digits
+            await _refuse(send, 413, too_big)
+            return
+        body = bytearray()
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except TimeoutError:
+                await _refuse(send, 408, f"Request body not received in {self.body_timeout:g}s")
+                return
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                await _refuse(send, 413, too_big)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _one_line(error: RequestValidationError) -> str:
+    """`query parameter 'wait': Input should be a valid boolean, …` for each problem."""
+    problems = []
+    for problem in error.errors():
+        where = [str(part) for part in problem.get("loc", ())]
+        place = f"{where[0]} parameter '{where[-1]}'" if len(where) > 1 else "request"
+        problems.append(f"{place}: {' '.join(str(problem.get('msg', 'invalid')).split())}")
+    return "; ".join(problems) or "invalid request"
+
+
 def create_app(
     data_dir: Path | None = None,
     db: Path | None = None,
     *,
     token: str | None = None,
     prefect_url: str | None = None,
+    max_body: int = MAX_BODY_BYTES,
+    body_timeout: float = BODY_TIMEOUT_SECONDS,
 ) -> FastAPI:
     hook = Webhook(
         config.data_dir(data_dir),
@@ -236,6 +331,11 @@ def create_app(
     )
     app = FastAPI(title="session-pipeline webhook", docs_url=None, redoc_url=None)
     app.state.webhook = hook
+    app.add_middleware(RequestLimits, max_body=max_body, body_timeout=body_timeout)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _one_line(error)}, status_code=422)
 
     def guarded(
         request: Request, name: str | None, call: Callable[[], tuple[int, dict[str, Any]]]
@@ -273,15 +373,18 @@ def create_app(
     def run_call(name: str, wait: bool, timeout: float) -> Callable[[], tuple[int, dict[str, Any]]]:
         return lambda: hook.trigger(name, wait=wait, wait_timeout=timeout)
 
+    def wait_timeout() -> Any:
+        return Query(3600.0, gt=0, le=MAX_WAIT_SECONDS, allow_inf_nan=False)
+
     @app.post("/processors/{name}/runs")
     def trigger_run(
-        request: Request, name: str, wait: bool = False, timeout: float = 3600
+        request: Request, name: str, wait: bool = False, timeout: float = wait_timeout()
     ) -> JSONResponse:
         return guarded(request, name, run_call(name, wait, timeout))
 
     @app.post("/api/admin/run-session-processor")
     def trigger_run_old_path(
-        request: Request, processor: str, wait: bool = False, timeout: float = 3600
+        request: Request, processor: str, wait: bool = False, timeout: float = wait_timeout()
     ) -> JSONResponse:
         return guarded(request, processor, run_call(processor, wait, timeout))
 
@@ -304,6 +407,51 @@ def create_app(
         return reading(request, hook.processors)
 
     return app
+
+
+def _head_deadline_protocol(head_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with a deadline on request heads.
+
+    uvicorn closes a keep-alive connection idle after a response, but a client that connects
+    and sends nothing, or a header byte now and then, keeps its connection (and a file
+    descriptor) forever. Here a connection that has not completed a request head within
+    `head_timeout` of opening, or of its last response, is closed; a request being handled
+    is never cut.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadlineH11(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(head_timeout, self._check_head, None)
+
+        def _check_head(self, cycle_then: Any) -> None:
+            if self.transport.is_closing():
+                return
+            idle = self.cycle is None or self.cycle.response_complete
+            if idle and self.cycle is cycle_then:  # no new request head since the last check
+                self.transport.close()
+                return
+            self._head_timer = self.loop.call_later(head_timeout, self._check_head, self.cycle)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            timer = getattr(self, "_head_timer", None)
+            if timer is not None:
+                timer.cancel()
+            super().connection_lost(exc)
+
+    return HeadDeadlineH11
+
+
+def server_options(
+    *, head_timeout: float = HEAD_TIMEOUT_SECONDS, max_connections: int = MAX_CONNECTIONS
+) -> dict[str, Any]:
+    """uvicorn settings the webhook is served with (`uvicorn.run(app, **server_options())`)."""
+    return {
+        "http": _head_deadline_protocol(head_timeout),
+        "limit_concurrency": max_connections,
+        "timeout_keep_alive": 5,
+    }
 
 
 def is_loopback(host: str) -> bool:
@@ -341,7 +489,14 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(
         Path(args.data_dir) if args.data_dir else None, Path(args.db) if args.db else None
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        access_log=True,
+        **server_options(),
+    )
     return 0
 
 
