@@ -8,10 +8,13 @@ its target stays inside the data dir.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+log = logging.getLogger("session_pipeline.scan")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +27,17 @@ class FoundFile:
     @property
     def username(self) -> str:
         return self.key.split("/", 1)[0]
+
+
+def _utf8(name: str) -> bool:
+    """Keys are stored as text: a name that is not valid UTF-8 (it arrives with surrogate
+    escapes) cannot be a key, so such an entry is skipped rather than failing every run."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        log.warning("skipping %r: its name is not valid UTF-8", name)
+        return False
+    return True
 
 
 def _inside(root_real: str, path: str) -> bool:
@@ -40,6 +54,8 @@ def _entries(path: str) -> list[os.DirEntry[str]]:
 
 
 def _dir_ok(entry: os.DirEntry[str], root_real: str) -> bool:
+    if not _utf8(entry.name):
+        return False
     try:
         if entry.is_symlink():
             return entry.is_dir() and _inside(root_real, entry.path)
@@ -49,7 +65,7 @@ def _dir_ok(entry: os.DirEntry[str], root_real: str) -> bool:
 
 
 def _file_stat(entry: os.DirEntry[str], root_real: str) -> os.stat_result | None:
-    if not entry.name.endswith(".jsonl"):
+    if not entry.name.endswith(".jsonl") or not _utf8(entry.name):
         return None
     try:
         if entry.is_symlink() and not _inside(root_real, entry.path):

@@ -574,11 +574,6 @@ def test_a_data_dir_of_hostile_files_loses_nothing_and_processes_every_good_sess
     assert (again.processed, again.skipped, again.errors) == (0, len(read), 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a file name that is not UTF-8 reaches DuckDB as a str with surrogates: the commit "
-    "raises and the whole run fails (and every later one)",
-)
 def test_a_file_name_that_is_not_utf8_does_not_fail_the_run(data_dir: Path, db: Path) -> None:
     write_session(data_dir, "alice/good.jsonl", [user_line("fine")])
     bob = os.fsencode(data_dir / "bob")
