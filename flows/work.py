@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -110,11 +111,31 @@ def _resume(f: IO[bytes], size: int, candidate: Candidate) -> Any | None:
     return None
 
 
+class UnsafeFileError(OSError):
+    """Between scan and read the path became something that must not be read."""
+
+
+def _open_regular(candidate: Candidate) -> IO[bytes]:
+    """Open what the scan found, if it still is a regular file inside the data dir: a path
+    swapped for a link that leaves the data dir is not followed, and a FIFO swapped in is
+    refused instead of blocking the run (it is opened non-blocking, then checked)."""
+    root = candidate.path[: len(candidate.path) - len(candidate.key)]
+    root_real = os.path.realpath(root).rstrip(os.sep) + os.sep
+    if not os.path.realpath(candidate.path).startswith(root_real):
+        raise UnsafeFileError(f"{candidate.key} now points outside the data dir")
+    fd = os.open(candidate.path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafeFileError(f"{candidate.key} is no longer a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def process_candidate(processor: Processor, candidate: Candidate) -> Outcome:
     read_at = datetime.now(UTC)
     append_safe = is_append_safe(processor)
     try:
-        with open(candidate.path, "rb") as f:
+        with _open_regular(candidate) as f:
             st = os.fstat(f.fileno())
             size, mtime_ns = st.st_size, st.st_mtime_ns
             if candidate.known_hash is not None and candidate.known_size == size:
