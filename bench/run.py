@@ -1,7 +1,7 @@
 """The benchmarks: every figure is a ratio of two things measured side by side in one run.
 
     .venv/bin/python -m bench.run [--quick] [--only 1,2,...] [--sessions 100000]
-                                  [--repeats 3] [--profile] [--no-write]
+                                  [--repeats 3] [--profile] [--write | --no-write]
 
 Prints a table (figure, measured, baseline, ratio, goal, pass/fail) and writes it, with the
 machine, the date and the command that reproduces each figure, into docs/benchmarks.md
@@ -81,7 +81,7 @@ class Sizes:
 
 
 FULL = Sizes(100_000, 8_000, 50 * MB, 5_000, 50 * MB, 10_000, 3_000, 64 << 10, 50 * MB, 500 * MB)
-QUICK = Sizes(10_000, 8_000, 5 * MB, 100, 5 * MB, 200, 3_000, 64 << 10, 5 * MB, 50 * MB)
+QUICK = Sizes(10_000, 8_000, 5 * MB, 40, 5 * MB, 80, 3_000, 64 << 10, 5 * MB, 50 * MB)
 
 
 @dataclass
@@ -209,6 +209,68 @@ def check(figures: dict[str, Any], *, processed: int | None = None, scanned: int
         problems.append(f"scanned {figures.get('scanned')} (expected {scanned})")
     if problems:
         raise RuntimeError("; ".join(problems))
+
+
+def breakdown(call: Callable[[], Any]) -> str:
+    """Where a `run_direct` spends its time, without a profiler's distortion (cProfile
+    inflates call-heavy Python several times over): the pipeline's steps are wrapped with
+    timers for one call, then restored. Shares of the call's wall time; `commit` includes
+    its DuckDB open and close, which are also shown on their own."""
+    import flows.pipeline as pipeline
+    import flows.work as work
+
+    spent: dict[str, float] = {}
+    originals: list[tuple[Any, str, Any]] = []
+
+    def timed(owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name, None)
+        if original is None:
+            return
+        originals.append((owner, name, original))
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - started
+
+        setattr(owner, name, wrapper)
+
+    def timed_connect(original: Any) -> Any:
+        @contextlib.contextmanager
+        def connect(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            started = time.perf_counter()
+            manager = original(*args, **kwargs)
+            con = manager.__enter__()
+            spent["db open"] = spent.get("db open", 0.0) + time.perf_counter() - started
+            try:
+                yield con
+            finally:
+                started = time.perf_counter()
+                manager.__exit__(None, None, None)
+                spent["db close"] = spent.get("db close", 0.0) + time.perf_counter() - started
+
+        return connect
+
+    processor_class = type(usage())
+    method = "process_increment" if hasattr(processor_class, "process_increment") else "process"
+    timed(processor_class, method, "processor")
+    timed(work, "to_columns", "to_columns")
+    timed(pipeline, "prepare", "prepare")
+    timed(pipeline, "commit", "commit")
+    originals.append((pipeline, "connect", pipeline.connect))
+    pipeline.connect = timed_connect(pipeline.connect)
+    started = time.perf_counter()
+    try:
+        call()
+    finally:
+        total = time.perf_counter() - started
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    text = ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in spent.items())
+    log(f"breakdown of {total:.2f} s: {text}")
+    return f"{total:.2f} s: {text}"
 
 
 def profile(label: str, call: Callable[[], Any], lines: int = 14) -> str:
@@ -436,6 +498,7 @@ class Bench:
         flow_notes = [f"per-round ratios {fmt_rounds(r_flow, '×')}, same rounds as figure 2"]
         if med(r_direct) < 0.5 and self.args.profile:
             notes.append("profile: " + profile("fig2-run-direct", side(direct)))
+            notes.append("run_direct by step: " + breakdown(side(direct)))
         return [
             self.row(
                 "2",
@@ -553,6 +616,9 @@ class Bench:
             with open(data / "alice" / f"{meta['session_id']}.jsonl", "ab") as f:
                 f.write(append_lines(meta, 1024, round_no=99))
             notes.append("profile: " + profile("fig4-append-run", lambda: direct(data, db)))
+            with open(data / "alice" / f"{meta['session_id']}.jsonl", "ab") as f:
+                f.write(append_lines(meta, 1024, round_no=100))
+            notes.append("append run by step: " + breakdown(lambda: direct(data, db)))
         for data, db in rounds:
             shutil.rmtree(data, ignore_errors=True)
             drop_db(db)
@@ -726,6 +792,9 @@ def write_doc(new_rows: list[Row], info: dict[str, str]) -> None:
         with contextlib.suppress(ValueError, TypeError, KeyError):
             for r in json.loads(match.group(1))["rows"]:
                 old[r["figure"]] = Row(**r)
+    for r in new_rows:  # a figure's new rows replace all its old ones (2 and 2b together)
+        for key in [k for k in old if k.rstrip("b") == r.figure.rstrip("b")]:
+            del old[key]
     for r in new_rows:
         old[r.figure] = r
     block = render(list(old.values()), info)
@@ -752,7 +821,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(FIGURES), help="figures to run, e.g. 1,4")
     parser.add_argument("--sessions", type=int, default=0, help="figure 1's corpus size")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per figure (≥ 3)")
-    parser.add_argument("--profile", action="store_true", help="cProfile the side that misses")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="for a missed goal: cProfile the slow side (tracemalloc for 5), and for 2 and 4 "
+        "also time the pipeline's steps without a profiler",
+    )
     parser.add_argument("--write", action="store_true", help="write docs even with --quick")
     parser.add_argument("--no-write", action="store_true", help="only print the table")
     args = parser.parse_args(argv)
@@ -760,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in wanted if f not in FIGURES]
     if unknown:
         parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
+    if args.repeats < 3:
+        parser.error("--repeats must be at least 3 (each figure is a median of rounds)")
     info = machine()
     bench = Bench(args)
     rows: list[Row] = []
