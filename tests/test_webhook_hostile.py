@@ -402,7 +402,7 @@ def test_slow_and_idle_clients_block_nobody_and_are_dropped(
                 assert served.client.get("/processors").status_code == 200
                 latencies.append(time.monotonic() - began)
                 time.sleep(0.05)
-            assert max(latencies) < 1, latencies
+            assert max(latencies) < 2, latencies
             # The idle connections are closed at the head deadline (2 s), not kept forever.
             assert all(_closed_by_server(s, timeout=6) for s in idle)
             closed_idle = time.monotonic() - opened
@@ -412,7 +412,9 @@ def test_slow_and_idle_clients_block_nobody_and_are_dropped(
             for t in trickles:
                 t.join(timeout=10)
             assert not any(t.is_alive() for t in trickles)
-            # A connection idle after its answer is closed by uvicorn's keep-alive timeout.
+            assert len(dropped_at) == 5 and max(dropped_at.values()) < 6, dropped_at
+            # A connection idle after its answer is closed too (the head deadline, or
+            # uvicorn's 5 s keep-alive timeout, whichever comes first).
             assert _answer(kept_alive, timeout=10).startswith(b"HTTP/1.1 200 ")
             assert 1.5 < closed_idle < 6, closed_idle
         finally:
