@@ -274,7 +274,7 @@ class RequestLimits:
             return
         too_big = f"Request body over {self.max_body} bytes; no endpoint takes a body"
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and int(declared) > self.max_body:  # h11 checked it is digits
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             await _refuse(send, 413, too_big)
             return
         body = bytearray()
@@ -433,6 +433,10 @@ def _head_deadline_protocol(head_timeout: float) -> type[asyncio.Protocol]:
                 self.transport.close()
                 return
             self._head_timer = self.loop.call_later(head_timeout, self._check_head, self.cycle)
+
+        def handle_websocket_upgrade(self, event: Any) -> None:
+            self._head_timer.cancel()  # another protocol owns the connection from here
+            super().handle_websocket_upgrade(event)
 
         def connection_lost(self, exc: Exception | None) -> None:
             timer = getattr(self, "_head_timer", None)
