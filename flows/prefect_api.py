@@ -20,6 +20,8 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 ACTIVE_STATES = ("SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED")
 GOING_STATES = ("PENDING", "RUNNING", "CANCELLING", "PAUSED")
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
+# the message of a run the server cancelled under a deployment's CANCEL_NEW limit
+COLLISION_MESSAGE = "Deployment concurrency limit reached."
 
 
 class PrefectUnavailable(RuntimeError):
@@ -131,8 +133,8 @@ class PrefectAPI:
 
     def active_runs(self, deployment_id: str, trigger_tag: str) -> list[dict[str, Any]]:
         """Runs that are pending or running, and runs a trigger created that have not started
-        yet. Runs the cadence scheduled are not: the deployment's concurrency limit makes one
-        that comes due wait for the triggered one, so they follow each other, never overlap."""
+        yet. Runs the cadence scheduled for later are not: with short cadences one is always
+        due soon, and the deployment's CANCEL_NEW limit cancels whichever of two comes second."""
         going = self.flow_runs(deployment_ids=[deployment_id], states=GOING_STATES)
         triggered = self.flow_runs(
             deployment_ids=[deployment_id], states=("SCHEDULED",), tags=[trigger_tag]

@@ -2,7 +2,10 @@
 
 One deployment per processor (flow `usage-processor`, deployment `usage`), on an interval
 schedule counted from a fixed anchor (restarts never shift the cadence), with a deployment
-concurrency limit of 1 so scheduled and triggered runs queue instead of overlapping. Each run
+concurrency limit of 1 and the CANCEL_NEW collision strategy: a run that comes due while
+another is going is cancelled rather than queued. That is the old scheduler's "409, skip this
+tick", and it means a cadence shorter than a run never builds a backlog (with ENQUEUE, runs
+piled up and a triggered run could wait behind every late one). Each run
 starts in a subprocess that loads the entrypoint `flows/processor_flow.py:<name>_processor`.
 """
 
@@ -63,6 +66,7 @@ def _pin_paths(data_dir: str | None, db: str | None) -> dict[str, str]:
 def build_deployments(data_dir: str | None, db: str | None) -> list[RunnerDeployment]:
     """A deployment for every enabled processor. Changes the working directory to the project
     root: Prefect derives file entrypoints relative to it, and the run subprocesses inherit it."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Interval
 
     from flows.processor_flow import build_flow
@@ -79,11 +83,14 @@ def build_deployments(data_dir: str | None, db: str | None) -> list[RunnerDeploy
         deployment = build_flow(name).to_deployment(
             name=name,
             schedules=[Interval(timedelta(seconds=seconds), anchor_date=ANCHOR)],
-            concurrency_limit=1,
+            concurrency_limit=ConcurrencyLimitConfig(
+                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+            ),
             parameters=dict(parameters),
             tags=["session-pipeline", f"processor:{name}"],
             description=f"Runs the {name} processor every {seconds}s (anchored at "
-            f"{ANCHOR.isoformat()}); one run at a time, further runs queue.",
+            f"{ANCHOR.isoformat()}); one run at a time, a run that comes due while "
+            "another is going is cancelled (the going one does its work).",
         )
         expected = f"{ENTRYPOINT_FILE}:{flow_attribute(name)}"
         if deployment.entrypoint != expected:  # a run subprocess could not load the flow

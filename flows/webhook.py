@@ -34,7 +34,14 @@ from fastapi.responses import JSONResponse
 from flows.cadence import interval_seconds
 from flows.health import health
 from flows.names import flow_name, trigger_limit_name
-from flows.prefect_api import TERMINAL_STATES, PrefectAPI, PrefectUnavailable, api_url, ui_url
+from flows.prefect_api import (
+    COLLISION_MESSAGE,
+    TERMINAL_STATES,
+    PrefectAPI,
+    PrefectUnavailable,
+    api_url,
+    ui_url,
+)
 from processors import registry
 from state import config
 from state.config import ConfigError
@@ -182,9 +189,15 @@ class Webhook:
                     flow_run_id=flow_run_id,
                 )
             time.sleep(WAIT_POLL_SECONDS)
+        message = (run.get("state") or {}).get("message") or ""
+        if state == "CANCELLED" and message == COLLISION_MESSAGE:
+            # a scheduled run started between our check and this run: it does the work
+            raise Refusal(
+                409, f"Processor '{name}' is already running", "conflict", flow_run_id=flow_run_id
+            )
         figures = _figures(self.db, flow_run_id) if state == "COMPLETED" else None
         if figures is None:
-            message = (run.get("state") or {}).get("message") or f"run ended {state}"
+            message = message or f"run ended {state}"
             raise Refusal(500, message, "failed", flow_run_id=flow_run_id)
         return 200, {"ok": figures["errors"] == 0, "details": figures, "flow_run_id": flow_run_id}
 
