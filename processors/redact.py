@@ -38,6 +38,15 @@ _TOKEN_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
             re.DOTALL,
         ),
     ),
+    # Before every `\b`-bounded token: the webhook has no `\b` of its own, so a token glued
+    # in front of it (`AKIA…https://hooks…`) only gets its trailing `\b` once it is replaced;
+    # run later, a second pass would find more and redaction would not be one pass.
+    (
+        "slack_webhook",
+        re.compile(
+            r"(?P<keep>)https://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9/_-]+"
+        ),
+    ),
     ("anthropic_key", re.compile(r"(?P<keep>)\bsk-ant-[A-Za-z0-9_-]{16,}")),
     # OpenAI: sk-…, sk-proj-…, sk-svcacct-…; a digit is required so hyphenated words pass.
     (
@@ -59,12 +68,6 @@ _TOKEN_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("github_token", re.compile(r"(?P<keep>)\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{30,}\b")),
     ("github_token", re.compile(r"(?P<keep>)\bgithub_pat_[A-Za-z0-9_]{22,}")),
     ("slack_token", re.compile(r"(?P<keep>)\bxox[abprs]-[A-Za-z0-9-]{10,}")),
-    (
-        "slack_webhook",
-        re.compile(
-            r"(?P<keep>)https://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9/_-]+"
-        ),
-    ),
     (
         "bearer_token",
         re.compile(

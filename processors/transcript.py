@@ -27,13 +27,11 @@ from typing import Any, Literal
 Role = Literal["user", "assistant"]
 TextFilter = Callable[[str], tuple[str, int]]  # text -> (cleaned text, replacements), e.g. redact
 
-_COMMAND_NAME = re.compile(r"<command-name>\s*(.*?)\s*</command-name>", re.DOTALL)
-_COMMAND_ARGS = re.compile(r"<command-args>(.*?)</command-args>", re.DOTALL)
 _LOCAL_COMMAND_OUTPUT = ("<local-command-stdout>", "<local-command-stderr>")
-# Context the client injects into a user message; not the person's words.
-_INJECTED = re.compile(
-    r"<(system-reminder|ide_selection|ide_opened_file|ide_diagnostics)>.*?</\1>", re.DOTALL
-)
+# Context the client injects into a user message; not the person's words. Tags are paired
+# with find() scans, not lazy `<tag>.*?</tag>` regexes, which are quadratic in the number of
+# unclosed opening tags.
+_INJECTED_OPEN = re.compile(r"<(system-reminder|ide_selection|ide_opened_file|ide_diagnostics)>")
 _INTERRUPTED = re.compile(r"^\[Request interrupted by user[^\]]*\]$")
 _SYNTHETIC_MODEL = "<synthetic>"
 
@@ -116,18 +114,50 @@ def _timestamp(value: object) -> str | None:
     return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+def _tag_text(text: str, tag: str) -> str | None:
+    """The text between the first `<tag>` and the first `</tag>` after it, or None."""
+    start = text.find(f"<{tag}>")
+    if start < 0:
+        return None
+    start += len(tag) + 2
+    end = text.find(f"</{tag}>", start)
+    return None if end < 0 else text[start:end]
+
+
+def _strip_injected(text: str) -> str:
+    """`text` without its injected `<tag>…</tag>` blocks, each opening tag paired with the
+    first closing tag after it (a tag never closed is kept). Linear: once a tag has no
+    closing tag after some opening, no later opening of it has one either."""
+    kept: list[str] = []
+    done = 0  # text before this is settled
+    at = 0
+    unclosed: set[str] = set()
+    while (opening := _INJECTED_OPEN.search(text, at)) is not None:
+        tag = opening.group(1)
+        at = opening.end()
+        if tag in unclosed:
+            continue
+        end = text.find(f"</{tag}>", at)
+        if end < 0:
+            unclosed.add(tag)
+            continue
+        kept.append(text[done : opening.start()])
+        done = at = end + len(tag) + 3
+    kept.append(text[done:])
+    return "".join(kept)
+
+
 def _typed_text(text: str) -> str | None:
     """The person's words in one piece of user content, or None when there are none."""
     stripped = text.strip()
     if stripped.startswith(_LOCAL_COMMAND_OUTPUT):
         return None
-    command = _COMMAND_NAME.search(stripped)
-    if command is not None:
-        name = command.group(1).strip()
-        args = _COMMAND_ARGS.search(stripped)
-        typed = f"{name} {args.group(1).strip()}" if args else name
+    name = _tag_text(stripped, "command-name")
+    if name is not None:
+        args = _tag_text(stripped, "command-args")
+        typed = f"{name.strip()} {args.strip()}" if args is not None else name.strip()
         return typed.strip() or None
-    stripped = _INJECTED.sub("", stripped).strip()
+    stripped = _strip_injected(stripped).strip()
     if not stripped or _INTERRUPTED.match(stripped):
         return None
     return stripped
@@ -163,6 +193,12 @@ def _is_assistant_output(line: Mapping[str, Any]) -> bool:
     return isinstance(message, dict) and message.get("model") != _SYNTHETIC_MODEL
 
 
+def _clean(clean: TextFilter | None, clipped: str) -> tuple[str, int]:
+    """The clipped text cleaned once more: a cut can give a secret glued to a word (missed
+    by a `\b` pattern) the boundary it lacked, so the text sent must be cleaned as sent."""
+    return clean(clipped) if clean is not None else (clipped, 0)
+
+
 class _AssistantTurn:
     """The assistant's output since the last user turn, as it streams in."""
 
@@ -182,8 +218,8 @@ class _AssistantTurn:
         self.last_kind = kind
 
     def turn(self) -> Turn | None:
-        text = self.clip.text().strip()
-        return Turn("assistant", text, redactions=self.redactions) if text else None
+        text, found = _clean(self.clean, self.clip.text().strip())
+        return Turn("assistant", text, redactions=self.redactions + found) if text else None
 
 
 class TurnReader:
@@ -216,14 +252,15 @@ class TurnReader:
                 cleaned.append(text)
                 found += n
             texts = cleaned
+        text, found_after = _clean(self.clean, clip("\n\n".join(texts), self.max_turn_chars))
         self.total += 1
         self._turns.append(
             Turn(
                 "user",
-                clip("\n\n".join(texts), self.max_turn_chars),
+                text,
                 timestamp=_timestamp(line.get("timestamp")),
                 uuid=_str(line.get("uuid")),
-                redactions=found,
+                redactions=found + found_after,
             )
         )
 
@@ -274,7 +311,8 @@ def read_turns(
     clean: TextFilter | None = None,
 ) -> list[Turn]:
     """The last `max_turns` turns of a transcript, each cleaned (e.g. redacted) piece by
-    piece before it is clipped, so a secret is never cut in half and half-sent."""
+    piece before it is clipped, so a secret is never cut in half and half-sent, and cleaned
+    again once clipped, so a cut that gives a glued secret a word boundary never sends it."""
     reader = TurnReader(max_turns=max_turns, max_turn_chars=max_turn_chars, clean=clean)
     for line in lines:
         reader.add(line)

@@ -12,7 +12,6 @@ only the rows those lines added or changed.
 
 from __future__ import annotations
 
-import re
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -32,8 +31,6 @@ META_MAX_BYTES = 1 << 20
 MAX_BIGINT = (1 << 63) - 1
 
 SUBAGENT_TOOLS = frozenset({"Task", "Agent"})
-_COMMAND_NAME = re.compile(r"<command-name>\s*(.*?)\s*</command-name>", re.DOTALL)
-_COMMAND_ARGS = re.compile(r"<command-args>(.*?)</command-args>", re.DOTALL)
 # Blocks a person can send; a turn made only of tool results (or unknown blocks) is not theirs.
 _HUMAN_BLOCKS = frozenset({"text", "image", "document"})
 # Output of a local command (/cost, /model …) echoed into the transcript: not a human turn.
@@ -256,16 +253,26 @@ def classify_tool(name: str, tool_input: object) -> ToolKind:
 def slash_command(content: object) -> tuple[str, str | None] | None:
     """(command name without `/`, args or None) when a user message is a typed slash command."""
     for text in _texts(content):
-        match = _COMMAND_NAME.search(text)
-        if match is None:
+        name = _tag_text(text, "command-name")
+        if name is None:
             continue
-        name = match.group(1).strip().lstrip("/").strip()
+        name = name.strip().lstrip("/").strip()
         if not name:
             continue
-        args_match = _COMMAND_ARGS.search(text)
-        args = args_match.group(1).strip() if args_match else ""
+        args = (_tag_text(text, "command-args") or "").strip()
         return name, args or None
     return None
+
+
+def _tag_text(text: str, tag: str) -> str | None:
+    """The text between the first `<tag>` and the first `</tag>` after it, or None. A find()
+    scan: a lazy `<tag>(.*?)</tag>` regex is quadratic in the number of unclosed `<tag>`s."""
+    start = text.find(f"<{tag}>")
+    if start < 0:
+        return None
+    start += len(tag) + 2
+    end = text.find(f"</{tag}>", start)
+    return None if end < 0 else text[start:end]
 
 
 def _may_be_typed(line: Mapping[str, Any]) -> bool:

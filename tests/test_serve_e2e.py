@@ -398,7 +398,5 @@ def test_scheduled_and_webhook_runs_never_overlap(serve: Serve, tmp_path: Path) 
     assert overlapping == []
     assert count is not None and count[0] >= 2
     # no backlog: a run that came due while another was going was cancelled, never queued
-    runs = _call(
-        "POST", f"{serve.api}/flow_runs/filter", json={"limit": 200}
-    ).json()
+    runs = _call("POST", f"{serve.api}/flow_runs/filter", json={"limit": 200}).json()
     assert not [r for r in runs if r["state_name"] == "AwaitingConcurrencySlot"], runs
