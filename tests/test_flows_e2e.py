@@ -104,9 +104,9 @@ def test_a_second_run_of_the_same_processor_is_refused(
 ) -> None:
     from prefect.concurrency.sync import concurrency
 
-    monkeypatch.setattr(processor_flow, "LOCK_WAIT_SECONDS", 1.0)
     write_session(data_dir, "alice/s.jsonl", [user_line("x")])
-    run("usage", data_dir, db)  # creates the limit
+    run("usage", data_dir, db)  # creates the limit (and waits out a slot an earlier test left)
+    monkeypatch.setattr(processor_flow, "LOCK_WAIT_SECONDS", 1.0)
     with (
         concurrency(limit_name("usage"), occupy=1, strict=True),
         pytest.raises(RunRefused, match="Processor 'usage' is already running"),
