@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
 from flows.names import flow_attribute, flow_name, limit_name
-from flows.pipeline import Tally, batches, commit, deadline_for, finish, prepare, start
+from flows.pipeline import Committer, Tally, batches, begin, deadline_for, finish
 from flows.work import process_batch
 from processors import registry
 from processors.base import Processor
@@ -96,7 +96,8 @@ def _process(
     attempts: int,
     tally: Tally,
 ) -> None:
-    """Map the batches over task runs and commit each one the moment it completes."""
+    """Map the batches over task runs and commit their outcomes as they complete."""
+    committer = Committer(db_path, processor, attempts, tally)
     work = batches(candidates)
     futures = process_sessions.map(unmapped(processor), range(len(work)), work, unmapped(deadline))
     batch_of = {id(f): b for f, b in zip(futures, work, strict=True)}
@@ -109,9 +110,8 @@ def _process(
                 Outcome(c.key, "failed", now, error=f"task crashed: {error}")
                 for c in batch_of[id(future)]
             ]
-        tally.add(outcomes, commit(db_path, processor, outcomes, attempts), attempts)
-        for outcome in outcomes:  # the future keeps its result: let the rows go
-            outcome.columns = {}
+        committer.add(outcomes)
+    committer.flush()
 
 
 def run_processor(
@@ -135,9 +135,7 @@ def run_processor(
             )
         except TimeoutError:
             raise ProcessorBusyError(f"Processor '{processor_name}' is already running") from None
-        the_plan = prepare(processor, data_path, db_path)
-        tally = Tally.start(processor, the_plan, logger)
-        run_id = start(db_path, processor, tally, flow_run.get_id())
+        run_id, the_plan, tally = begin(processor, data_path, db_path, flow_run.get_id(), logger)
         try:
             _process(processor, the_plan.candidates, deadline, db_path, attempts, tally)
         except BaseException:

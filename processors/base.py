@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
 from processors.session import Session
@@ -38,11 +39,11 @@ class Table:
         if unknown:
             raise ValueError(f"key of {self.name!r} names unknown columns {sorted(unknown)}")
 
-    @property
+    @cached_property
     def column_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.columns)
 
-    @property
+    @cached_property
     def value_types(self) -> tuple[str, ...]:
         """Each column's type without its constraints (`VARCHAR NOT NULL` -> `VARCHAR`)."""
         return tuple(

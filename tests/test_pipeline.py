@@ -389,3 +389,28 @@ def test_files_vanishing_between_scan_and_read_fail_with_a_reason(data_dir: Path
         pipeline.prepare = original  # type: ignore[assignment]
     assert (figures["processed"], figures["errors"]) == (1, 1)
     assert figures["errors_detail"][0]["error"].startswith("FileNotFoundError")
+
+
+def test_to_columns_validates_and_coerces_column_by_column() -> None:
+    from flows.work import RowError, to_columns
+
+    table = Table(
+        "t",
+        (("session_file", "VARCHAR"), ("n", "BIGINT"), ("x", "DOUBLE"), ("meta", "JSON")),
+    )
+    rows = [
+        {"session_file": "a", "n": True, "x": 1, "meta": {"k": [1]}},
+        {"session_file": "b", "n": None, "x": 2.5},
+    ]
+    columns = to_columns([table], ProcessResult({"t": rows}, 2))["t"]
+    assert columns == {
+        "session_file": ["a", "b"],
+        "n": [1, None],
+        "x": [1, 2.5],
+        "meta": ['{"k":[1]}', None],
+    }
+    assert type(columns["n"][0]) is int
+    with pytest.raises(RowError, match=r"t\.n expects BIGINT, got str"):
+        to_columns([table], ProcessResult({"t": [{"session_file": "a", "n": "7"}]}, 1))
+    with pytest.raises(RowError, match="t has no column"):
+        to_columns([table], ProcessResult({"t": [{"session_file": "a", "zzz": 1}]}, 1))
