@@ -13,6 +13,7 @@ import logging
 import os
 import stat
 import time
+import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +21,14 @@ from typing import IO, Any, cast
 
 import orjson
 
-from processors.base import AppendSafe, Processor, ProcessResult, Table, is_append_safe
+from processors.base import (
+    AppendSafe,
+    ColumnRows,
+    Processor,
+    ProcessResult,
+    Table,
+    is_append_safe,
+)
 from processors.session import Session, SessionIdentity, hash_into, hash_prefix
 from state.plan import Candidate
 from state.store import Columns, Outcome
@@ -38,6 +46,23 @@ _PY_TYPES: dict[str, tuple[type, ...]] = {
     "TIMESTAMP": (str, datetime),
     "JSON": (str,),
 }
+
+
+# Checkpoints above this size are stored zlib-compressed: DuckDB needs about six times a
+# value's size in memory to write it, and a 500 MB session's usage checkpoint is ~28 MB of JSON
+# (~10 MB compressed). Below it the ~25 ms per MB of compressing costs more than it saves.
+COMPRESS_CHECKPOINT_ABOVE = 4 << 20
+_ZLIB = b"x"  # the first byte of a zlib stream; no JSON text starts with it
+
+
+def pack_checkpoint(value: Any) -> bytes:
+    """A processor's checkpoint as stored: JSON, compressed when large."""
+    data = orjson.dumps(value)
+    return zlib.compress(data, 1) if len(data) > COMPRESS_CHECKPOINT_ABOVE else data
+
+
+def unpack_checkpoint(data: bytes) -> Any:
+    return orjson.loads(zlib.decompress(data) if data[:1] == _ZLIB else data)
 
 
 class RowError(ValueError):
@@ -87,12 +112,20 @@ def to_columns(tables: Sequence[Table], result: ProcessResult) -> dict[str, Colu
     for name, rows in result.rows.items():
         table = by_name[name]
         declared = set(table.column_names)
-        for row in rows:
-            if not row.keys() <= declared:
-                extra = sorted(set(row) - declared)
+        if isinstance(rows, ColumnRows):
+            given, length = rows.columns, len(rows)
+            if not given.keys() <= declared:
+                extra = sorted(set(given) - declared)
                 raise RowError(f"{name} has no column(s) {', '.join(extra)}")
+            values = {c: given[c] if c in given else [None] * length for c in declared}
+        else:
+            for row in rows:
+                if not row.keys() <= declared:
+                    extra = sorted(set(row) - declared)
+                    raise RowError(f"{name} has no column(s) {', '.join(extra)}")
+            values = {c: [row.get(c) for row in rows] for c in declared}
         out[name] = {
-            column: _column([row.get(column) for row in rows], sql_type, name, column)
+            column: _column(values[column], sql_type, name, column)
             for column, sql_type in zip(table.column_names, table.value_types, strict=True)
         }
     return out
@@ -167,10 +200,11 @@ def process_candidate(processor: Processor, candidate: Candidate) -> Outcome:
             )
             checkpoint: bytes | None = None
             if append_safe:
-                previous = orjson.loads(candidate.checkpoint) if hasher is not None else None
+                previous = unpack_checkpoint(candidate.checkpoint) if hasher is not None else None
                 increment = cast(AppendSafe, processor).process_increment(session, previous)
                 result = ProcessResult(increment.rows, increment.items)
-                checkpoint = orjson.dumps(increment.checkpoint)
+                checkpoint = pack_checkpoint(increment.checkpoint)
+                del previous, increment  # the processor's state: freed before the columns
             else:
                 result = processor.process(session)
             digest = session.finish()

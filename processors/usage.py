@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from processors.base import Increment, ProcessResult, Table
+from processors.base import ColumnRows, Increment, ProcessResult, Table
 from processors.pricing import cost_usd
 from processors.session import Session
 
@@ -506,18 +506,21 @@ class _UsageState:
         intern, get = self._id, values.get
         return [intern(get(name)) if is_string else get(name) for name, is_string in layout.packing]
 
-    def _row(self, session: Session, layout: _Layout, entry: list[Any]) -> dict[str, Any]:
-        """An entry as a complete row, columns in table order."""
-        row = dict(zip(layout.fields, entry, strict=False))
-        row["session_file"], row["username"] = session.key, session.username
+    def _columns(self, session: Session, layout: _Layout, entries: list[list[Any]]) -> ColumnRows:
+        """Entries as rows, column by column in table order (no dict per row)."""
         strings = self.strings
-        for i, name in layout.strings:
-            if entry[i] is not None:
-                row[name] = strings[entry[i]]
-        for i, name in layout.times:
-            if entry[i] is not None:
-                row[name] = _iso(_from_micros(entry[i]))
-        return {name: row[name] for name in layout.table.column_names}
+        times = {i for i, _ in layout.times}
+        columns: dict[str, list[Any]] = {}
+        for i, (name, is_string) in enumerate(layout.packing):
+            values = [entry[i] for entry in entries]
+            if is_string:
+                values = [None if v is None else strings[v] for v in values]
+            elif i in times:
+                values = [None if v is None else _iso(_from_micros(v)) for v in values]
+            columns[name] = values
+        columns["session_file"] = [session.key] * len(entries)
+        columns["username"] = [session.username] * len(entries)
+        return ColumnRows({name: columns[name] for name in layout.table.column_names})
 
     # --- lines ---
 
@@ -771,14 +774,10 @@ class _UsageState:
         data["malformed_lines"] += session.malformed_lines
         if data["agent_type"] is None:
             data["agent_type"] = read_agent_type(session)
-        events = [
-            self._row(session, _EVENTS, self.events[i])
-            for i in _changed(self.events, self.events_before, len(_EVENTS.fields))
-        ]
-        requests = [
-            self._row(session, _REQUESTS, self.requests[i])
-            for i in _changed(self.requests, self.requests_before, len(_REQUESTS.fields))
-        ]
+        changed_events = _changed(self.events, self.events_before, len(_EVENTS.fields))
+        changed_requests = _changed(self.requests, self.requests_before, len(_REQUESTS.fields))
+        events = self._columns(session, _EVENTS, [self.events[i] for i in changed_events])
+        requests = self._columns(session, _REQUESTS, [self.requests[i] for i in changed_requests])
         return Increment(
             rows={
                 USAGE_EVENTS.name: events,

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from flows.pipeline import prepare, run_direct
 from processors.base import Increment, Table
@@ -137,13 +138,28 @@ def test_a_shorter_file_and_a_version_bump_are_read_whole(
     assert bumped.calls == [("carol/s.jsonl", None, 2)]
 
 
+@pytest.mark.parametrize(
+    "statement_rows", [None, 5], ids=["defaults", "5-row-statements-compressed-checkpoints"]
+)
 def test_usage_through_the_pipeline_equals_a_full_read(
-    tmp_path: Path, data_dir: Path, db: Path
+    tmp_path: Path,
+    data_dir: Path,
+    db: Path,
+    statement_rows: int | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Real samples grown in three steps through the pipeline: every usage table matches a
-    fresh full run, row for row, and the later runs read only what was appended."""
+    fresh full run, row for row, and the later runs read only what was appended. Also with
+    inserts and keyed deletes cut into statements of a few rows and every checkpoint stored
+    compressed."""
+    from flows import work
     from processors.usage import UsageProcessor
+    from state import store
     from tests.conftest import EXAMPLES
+
+    if statement_rows is not None:
+        monkeypatch.setattr(store, "STATEMENT_ROWS", statement_rows)
+        monkeypatch.setattr(work, "COMPRESS_CHECKPOINT_ABOVE", 0)
 
     sources = sorted(p for p in EXAMPLES.rglob("*.jsonl"))
     bodies = {p.relative_to(EXAMPLES): p.read_bytes() for p in sources}
@@ -162,6 +178,7 @@ def test_usage_through_the_pipeline_equals_a_full_read(
             "SELECT count(*) FROM session_processor_state WHERE complete_offset = size_bytes"
         ).fetchone()
     assert reasons == (len(bodies),)
+    monkeypatch.undo()
     fresh = tmp_path / "fresh.duckdb"
     run_direct(UsageProcessor(), data_dir, fresh, max_attempts=3)
     for table in ("usage_events", "usage_requests", "usage_sessions"):
@@ -170,3 +187,18 @@ def test_usage_through_the_pipeline_equals_a_full_read(
         with connect(fresh) as con:
             theirs = con.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall()
         assert mine == theirs, table
+
+
+def test_checkpoints_are_stored_as_json_or_compressed_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flows.work import pack_checkpoint, unpack_checkpoint
+
+    value = {"lines": 3, "strings": ["x" * 100] * 50, "spans": [[1, 2]]}
+    small = pack_checkpoint(value)
+    assert small == orjson.dumps(value)  # below the threshold: plain JSON, as older rows are
+    monkeypatch.setattr("flows.work.COMPRESS_CHECKPOINT_ABOVE", 100)
+    packed = pack_checkpoint(value)
+    assert len(packed) < len(small) and unpack_checkpoint(packed) == value
+    assert unpack_checkpoint(small) == value
+    assert unpack_checkpoint(b"[1,2]") == [1, 2] and unpack_checkpoint(b"null") is None
