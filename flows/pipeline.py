@@ -18,8 +18,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import duckdb
+
 from processors.base import Processor, is_append_safe
-from state import store
+from state import config, store
 from state.config import ConfigError
 from state.db import connect
 from state.migrations import migrate
@@ -50,15 +52,14 @@ def check_data_dir(data_dir: Path) -> None:
 def prepare(
     processor: Processor, data_dir: Path, db: Path, ledger: LedgerEntry | None = None
 ) -> Plan:
-    """Migrate and load what this processor version last read well (entering the run in the
-    ledger on the same visit), scan comparing stats against it (the database is not held
-    meanwhile), then plan the sessions that differ. A run with nothing changed opens the
-    database once here and builds nothing per session."""
+    """Plan a run in one visit to the database: migrate, enter the run in the ledger, load
+    what this processor version last read well, scan comparing stats against it, and load
+    whole state rows (and checkpoints) only for the sessions that differ. The connection is
+    held during the scan (about a second per 100k files): opening another costs more."""
     check_data_dir(data_dir)
     with connect(db) as con:
         migrate(con)
         rebuilt = store.ensure_outputs(con, processor)
-        settled = store.load_settled(con, processor.name, str(processor.version))
         if ledger is not None:
             store.start_run(
                 con,
@@ -67,32 +68,30 @@ def prepare(
                 started_at=ledger.started_at,
                 flow_run_id=ledger.flow_run_id,
             )
-    try:
-        return _plan(processor, data_dir, db, settled, rebuilt)
-    except BaseException:
-        if ledger is not None:
-            finish(db, ledger.run_id, None, status="failed")
-        raise
+        try:
+            return _plan(con, processor, data_dir, rebuilt)
+        except BaseException:
+            if ledger is not None:
+                store.finish_run(
+                    con, ledger.run_id, None, finished_at=datetime.now(UTC), status="failed"
+                )
+            raise
 
 
 def _plan(
-    processor: Processor,
-    data_dir: Path,
-    db: Path,
-    settled: set[tuple[str, int, int]],
-    rebuilt: list[str],
+    con: duckdb.DuckDBPyConnection, processor: Processor, data_dir: Path, rebuilt: list[str]
 ) -> Plan:
-    """Scan, and plan the sessions whose stat is not the one last read well."""
     version = str(processor.version)
+    settled = store.load_settled(con, processor.name, version)
     changed, scanned = scan_changed(data_dir, settled)
+    del settled
     the_plan = Plan()
     saved: dict[str, bytes] = {}
     if changed:
-        with connect(db) as con:
-            states = store.load_states(con, processor.name, [f.key for f in changed])
-            the_plan = plan(changed, states, version, append_safe=is_append_safe(processor))
-            appends = [c.key for c in the_plan.candidates if c.reason == "append"]
-            saved = store.load_checkpoints(con, processor.name, appends)
+        states = store.load_states(con, processor.name, [f.key for f in changed])
+        the_plan = plan(changed, states, version, append_safe=is_append_safe(processor))
+        appends = [c.key for c in the_plan.candidates if c.reason == "append"]
+        saved = store.load_checkpoints(con, processor.name, appends)
     the_plan.scanned = scanned
     the_plan.unchanged += scanned - len(changed)
     if rebuilt:
@@ -194,16 +193,17 @@ class Committer:
 
     Opening the state database costs tens of milliseconds and closing it a checkpoint, so
     committing every task's outcomes (one session per task for a small backlog) spent 90% of
-    a run there. Outcomes wait until GROUP_ROWS rows or GROUP_SECONDS have gathered, and the
-    rest go at `flush()`. A crash loses at most that much work, which the next run redoes; the
-    connection is still held only while committing, so other processes share the file.
+    a run there. Outcomes wait until GROUP_ROWS rows have gathered or `commit_seconds` have
+    passed (`SESSION_PIPELINE_COMMIT_SECONDS`, default 5), and the rest go at `close()`. A
+    crash loses at most that much work, which the next run redoes; the connection is still
+    held only while committing, so other processes share the file.
     """
 
     GROUP_ROWS = 50_000
-    GROUP_SECONDS = 5.0
 
     def __init__(self, db: Path, processor: Processor, max_attempts: int, tally: Tally) -> None:
         self.db, self.processor, self.max_attempts, self.tally = db, processor, max_attempts, tally
+        self.commit_seconds = config.commit_seconds()
         self.pending: list[Outcome] = []
         self.rows = 0
         self.since = time.monotonic()
@@ -211,8 +211,19 @@ class Committer:
     def add(self, outcomes: Sequence[Outcome]) -> None:
         self.pending.extend(outcomes)
         self.rows += sum(o.row_count for o in outcomes)
-        if self.rows >= self.GROUP_ROWS or time.monotonic() - self.since >= self.GROUP_SECONDS:
+        if self.rows >= self.GROUP_ROWS or time.monotonic() - self.since >= self.commit_seconds:
             self.flush()
+
+    def close(self, run_id: str, candidates: int) -> RunFigures:
+        """Commit what is left and close the run's ledger entry, on one connection."""
+        with connect(self.db) as con:
+            if self.pending:
+                outcomes, self.pending, self.rows = self.pending, [], 0
+                quarantined = store.commit_batch(con, self.processor, outcomes, self.max_attempts)
+                self.tally.add(outcomes, quarantined, self.max_attempts)
+            figures = self.tally.finish(candidates)
+            store.finish_run(con, run_id, figures, finished_at=datetime.now(UTC))
+        return figures
 
     def flush(self) -> None:
         outcomes, self.pending, self.rows = self.pending, [], 0
@@ -270,16 +281,13 @@ def run_direct(
 
     deadline = deadline_for(time_budget_seconds)
     run_id, the_plan, tally = begin(processor, data_dir, db)
-    committer = Committer(db, processor, max_attempts, tally)
     try:
+        committer = Committer(db, processor, max_attempts, tally)
         for number, batch in enumerate(batches(the_plan.candidates)):
             if number and deadline is not None and time.time() >= deadline:
                 break
             committer.add(process_batch(processor, batch, deadline, at_least_one=number == 0))
-        committer.flush()
+        return committer.close(run_id, len(the_plan.candidates))
     except BaseException:
         finish(db, run_id, None, status="failed")
         raise
-    figures = tally.finish(len(the_plan.candidates))
-    finish(db, run_id, figures)
-    return figures

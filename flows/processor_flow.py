@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
 from flows.names import flow_attribute, flow_name, limit_name
-from flows.pipeline import Committer, Tally, batches, begin, deadline_for, finish
+from flows.pipeline import Committer, batches, begin, deadline_for, finish
 from flows.work import process_batch
 from processors import registry
 from processors.base import Processor
@@ -92,12 +92,9 @@ def _process(
     processor: Processor,
     candidates: list[Candidate],
     deadline: float | None,
-    db_path: Path,
-    attempts: int,
-    tally: Tally,
+    committer: Committer,
 ) -> None:
     """Map the batches over task runs and commit their outcomes as they complete."""
-    committer = Committer(db_path, processor, attempts, tally)
     work = batches(candidates)
     futures = process_sessions.map(unmapped(processor), range(len(work)), work, unmapped(deadline))
     batch_of = {id(f): b for f, b in zip(futures, work, strict=True)}
@@ -111,7 +108,6 @@ def _process(
                 for c in batch_of[id(future)]
             ]
         committer.add(outcomes)
-    committer.flush()
 
 
 def run_processor(
@@ -137,12 +133,12 @@ def run_processor(
             raise ProcessorBusyError(f"Processor '{processor_name}' is already running") from None
         run_id, the_plan, tally = begin(processor, data_path, db_path, flow_run.get_id(), logger)
         try:
-            _process(processor, the_plan.candidates, deadline, db_path, attempts, tally)
+            committer = Committer(db_path, processor, attempts, tally)
+            _process(processor, the_plan.candidates, deadline, committer)
+            figures = committer.close(run_id, len(the_plan.candidates))
         except BaseException:
             finish(db_path, run_id, None, status="failed")
             raise
-        figures = tally.finish(len(the_plan.candidates))
-        finish(db_path, run_id, figures)
     logger.info(
         "%s: scanned %d, processed %d, skipped %d, errors %d, quarantined %d, deferred %d, "
         "items %d in %.1fs",

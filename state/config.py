@@ -37,6 +37,24 @@ def positive_int(name: str, default: int) -> int:
     return value
 
 
+DEFAULT_COMMIT_SECONDS = 5
+
+
+def commit_seconds() -> int:
+    """`SESSION_PIPELINE_COMMIT_SECONDS`: the most work (in seconds of reading) a run keeps
+    uncommitted, and so the most a crash can cost. 0 commits after every task."""
+    name, raw = "SESSION_PIPELINE_COMMIT_SECONDS", os.environ.get("SESSION_PIPELINE_COMMIT_SECONDS")
+    if raw is None:
+        return DEFAULT_COMMIT_SECONDS
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"{name} must be a whole number of seconds >= 0, got {raw!r}")
+    return value
+
+
 def max_attempts(flag: int | None = None) -> int:
     if flag is not None:
         if flag <= 0:

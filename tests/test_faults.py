@@ -129,7 +129,7 @@ def test_runs_killed_at_several_points_end_row_for_row_equal_to_a_clean_run(
     clean = _single_batch_run(data_dir, clean_db)
     assert clean.processed == total > CORPUS and clean.errors == 0
     args = ["run", "usage", "--json", "--data-dir", str(data_dir), "--db", str(db)]
-    env = subprocess_env(prefect_api)
+    env = subprocess_env(prefect_api, SESSION_PIPELINE_COMMIT_SECONDS="0")  # commit every task
     committed_at_kill = []
     with PrefectAPI(prefect_api) as api:
         for target in KILL_AT:
@@ -261,7 +261,10 @@ def test_a_run_survives_a_prefect_server_restart(
         write_session(data_dir, f"u{i % 4}/s{i}.jsonl", [user_line(f"x{i}"), user_line("y")])
     # One task run at a time, 0.3 s per session: ~12 s of work the restart lands inside.
     env = subprocess_env(
-        server.url, SP_TEST_SLEEP="0.3", PREFECT_TASK_RUNNER_THREAD_POOL_MAX_WORKERS="1"
+        server.url,
+        SP_TEST_SLEEP="0.3",
+        PREFECT_TASK_RUNNER_THREAD_POOL_MAX_WORKERS="1",
+        SESSION_PIPELINE_COMMIT_SECONDS="0",
     )
     args = ["run", "linecount", "--json", "--data-dir", str(data_dir), "--db", str(db)]
     err = tmp_path / "run.err"
@@ -354,6 +357,7 @@ def test_a_database_held_past_the_retry_budget_fails_the_run_cleanly_and_loses_n
         SESSION_PIPELINE_DB_LOCK_TIMEOUT="1",
         SP_TEST_SLEEP="0.2",
         PREFECT_TASK_RUNNER_THREAD_POOL_MAX_WORKERS="1",
+        SESSION_PIPELINE_COMMIT_SECONDS="0",
     )
 
     # 1. Held before the run starts: refused before Prefect is involved, one line.

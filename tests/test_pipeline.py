@@ -414,3 +414,15 @@ def test_to_columns_validates_and_coerces_column_by_column() -> None:
         to_columns([table], ProcessResult({"t": [{"session_file": "a", "n": "7"}]}, 1))
     with pytest.raises(RowError, match="t has no column"):
         to_columns([table], ProcessResult({"t": [{"session_file": "a", "zzz": 1}]}, 1))
+
+
+def test_commit_seconds_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from state.config import ConfigError, commit_seconds
+
+    assert commit_seconds() == 5
+    monkeypatch.setenv("SESSION_PIPELINE_COMMIT_SECONDS", "0")
+    assert commit_seconds() == 0
+    for bad in ("", "-1", "1.5", "soon"):
+        monkeypatch.setenv("SESSION_PIPELINE_COMMIT_SECONDS", bad)
+        with pytest.raises(ConfigError, match="SESSION_PIPELINE_COMMIT_SECONDS must be"):
+            commit_seconds()
