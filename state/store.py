@@ -97,9 +97,8 @@ def load_checkpoints(
     if not keys:
         return {}
     rows = con.execute(
-        "SELECT session_file, checkpoint FROM session_processor_state "
-        "WHERE processor_name = $1 AND checkpoint IS NOT NULL "
-        "AND session_file IN (SELECT UNNEST($2))",
+        "SELECT session_file, checkpoint FROM session_checkpoints "
+        "WHERE processor_name = $1 AND session_file IN (SELECT UNNEST($2))",
         [processor_name, list(keys)],
     ).fetchall()
     return {row[0]: bytes(row[1]) for row in rows}
@@ -258,7 +257,7 @@ def _upsert_read(
     on_conflict_items = (
         "items_extracted = EXCLUDED.items_extracted, processed_at = EXCLUDED.processed_at, "
         "complete_offset = EXCLUDED.complete_offset, complete_hash = EXCLUDED.complete_hash, "
-        f"checkpoint = EXCLUDED.checkpoint, malformed_lines = {malformed},"
+        f"malformed_lines = {malformed},"
         if mode != "unchanged"
         else ""
     )
@@ -267,10 +266,10 @@ def _upsert_read(
         INSERT INTO session_processor_state (
             processor_name, session_file, username, processed_at, items_extracted, file_hash,
             processor_version, size_bytes, mtime_ns, read_at, malformed_lines, attempts,
-            last_error, last_attempt_at, status, complete_offset, complete_hash, checkpoint)
+            last_error, last_attempt_at, status, complete_offset, complete_hash)
         SELECT $1, UNNEST($2), UNNEST($3), UNNEST($4), UNNEST($5), UNNEST($6), $7,
                UNNEST($8), UNNEST($9), UNNEST($10), UNNEST($11), 0, NULL, UNNEST($4), 'ok',
-               UNNEST($12), UNNEST($13), UNNEST($14)::BLOB
+               UNNEST($12), UNNEST($13)
         ON CONFLICT (processor_name, session_file) DO UPDATE SET
             {on_conflict_items}
             file_hash = EXCLUDED.file_hash, processor_version = EXCLUDED.processor_version,
@@ -292,9 +291,34 @@ def _upsert_read(
             [o.malformed_lines for o in outcomes],
             [o.complete_offset for o in outcomes],
             [o.complete_hash for o in outcomes],
-            [o.checkpoint for o in outcomes],
         ],
     )
+    if mode != "unchanged":
+        _replace_checkpoints(con, processor.name, outcomes)
+
+
+def _replace_checkpoints(
+    con: duckdb.DuckDBPyConnection, processor_name: str, outcomes: Sequence[Outcome]
+) -> None:
+    """A read's checkpoint replaces the session's old one (or removes it, when it has none)."""
+    con.execute(
+        "DELETE FROM session_checkpoints WHERE processor_name = $1 "
+        "AND session_file IN (SELECT UNNEST($2))",
+        [processor_name, [o.key for o in outcomes]],
+    )
+    kept = [o for o in outcomes if o.checkpoint is not None]
+    small = [o for o in kept if len(o.checkpoint or b"") <= 64 << 10]
+    if small:
+        con.execute(
+            "INSERT INTO session_checkpoints SELECT $1, UNNEST($2), UNNEST($3)::BLOB",
+            [processor_name, [o.key for o in small], [o.checkpoint for o in small]],
+        )
+    for outcome in kept:  # big ones one statement each: a list parameter copies them twice more
+        if len(outcome.checkpoint or b"") > 64 << 10:
+            con.execute(
+                "INSERT INTO session_checkpoints VALUES ($1, $2, $3)",
+                [processor_name, outcome.key, outcome.checkpoint],
+            )
 
 
 def _record_failures(

@@ -72,3 +72,31 @@ def test_import_does_not_overwrite_existing_verification_rows(db: Path) -> None:
         assert con.execute(
             "SELECT items_extracted, username FROM session_processor_state"
         ).fetchall() == [(9, None)]
+
+
+def test_checkpoints_move_to_their_own_table(db: Path) -> None:
+    """A database at migration 6 kept checkpoints on the state rows; 7 moves them out."""
+    from state.migrations import MIGRATIONS, applied
+
+    with connect(db) as con:
+        applied(con)  # creates schema_migrations
+        for version, name, step in MIGRATIONS[:6]:
+            step(con)
+            con.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name]
+            )
+        con.execute(
+            "INSERT INTO session_processor_state (processor_name, session_file, checkpoint) "
+            "VALUES ('usage', 'a/1.jsonl', '{\"lines\":3}'::BLOB), ('usage', 'a/2.jsonl', NULL)"
+        )
+        assert migrate(con) == [MIGRATIONS[6][1]]
+        moved = con.execute("SELECT * FROM session_checkpoints").fetchall()
+        columns = {
+            r[0]
+            for r in con.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_name = 'session_processor_state'"
+            ).fetchall()
+        }
+    assert moved == [("usage", "a/1.jsonl", b'{"lines":3}')]
+    assert "checkpoint" not in columns
