@@ -195,13 +195,17 @@ def _delete_by_key(con: duckdb.DuckDBPyConnection, table: Table, rows: Columns) 
         con.execute(sql, piece)
 
 
-def _merge(outcomes: Sequence[Outcome], table: Table) -> Columns:
+def _take(outcomes: Sequence[Outcome], table: Table) -> Columns:
+    """The outcomes' rows for `table`, one column list each, taken out of the outcomes so that
+    each table's values can be freed once inserted (a big session's rows are most of a
+    commit's memory). One outcome's columns are used as they are, not copied."""
+    found = [cols for o in outcomes if (cols := o.columns.pop(table.name, None))]
+    if len(found) == 1:
+        return found[0]
     merged: Columns = {name: [] for name in table.column_names}
-    for outcome in outcomes:
-        cols = outcome.columns.get(table.name)
-        if cols:
-            for name in table.column_names:
-                merged[name].extend(cols[name])
+    for cols in found:
+        for name in table.column_names:
+            merged[name].extend(cols[name])
     return merged
 
 
@@ -225,9 +229,9 @@ def commit_batch(
                 con.execute(
                     f"DELETE FROM {table.name} WHERE session_file IN (SELECT UNNEST($1))", [keys]
                 )
-                _insert_columns(con, table, _merge(whole, table))
+                _insert_columns(con, table, _take(whole, table))
         for table in processor.tables if increments else ():
-            rows = _merge(increments, table)
+            rows = _take(increments, table)
             _delete_by_key(con, table, rows)
             _insert_columns(con, table, rows)
         if whole:
