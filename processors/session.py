@@ -130,40 +130,34 @@ class Session:
                 self._hasher.update(piece)
             self._hasher.update(memoryview(chunk)[: last + 1])
             self.complete_offset = self._consumed - (len(chunk) - last - 1)
-            start = 0
-            while (newline := chunk.find(b"\n", start)) >= 0:
-                piece = chunk[start:newline]
-                start = newline + 1
-                if pending:
-                    pending.append(piece)
-                    piece = b"".join(pending)
-                    pending.clear()
-                yield piece
-            if start < len(chunk):
-                pending.append(chunk[start:])
+            pieces = chunk.split(b"\n")  # one C-level pass, not a find() per line
+            tail = pieces.pop()  # the bytes after the last newline: the next line's start
+            if pending:
+                pending.append(pieces[0])
+                pieces[0] = b"".join(pending)
+                pending.clear()
+            yield from pieces
+            if tail:
+                pending.append(tail)
         self._tail = pending
 
     def lines(self) -> Iterator[dict[str, Any]]:
         if self._reader is not None:
             raise RuntimeError("Session.lines() can be iterated once")
         self._reader = self._raw_lines()
+        # Parsed inline, not in a helper: this loop runs once per line of every file.
         for raw in self._reader:
-            parsed = self._parse(raw)
-            if parsed is not None:
-                yield parsed
-
-    def _parse(self, raw: bytes) -> dict[str, Any] | None:
-        if not raw.strip():
-            return None
-        try:
-            value = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            self.malformed_lines += 1
-            return None
-        if not isinstance(value, dict):
-            self.malformed_lines += 1
-            return None
-        return value
+            if not raw.strip():
+                continue
+            try:
+                value = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                self.malformed_lines += 1
+                continue
+            if isinstance(value, dict):
+                yield value
+            else:
+                self.malformed_lines += 1
 
     def finish(self) -> str:
         """Read whatever the processor left unread and return the hash of all the bytes."""
