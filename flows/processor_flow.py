@@ -24,7 +24,7 @@ from prefect.states import Failed, State
 
 from flows.names import flow_attribute, flow_name, limit_name
 from flows.pipeline import Committer, batches, begin, deadline_for, finish
-from flows.work import process_batch
+from flows.work import describe, process_batch
 from processors import registry
 from processors.base import Processor
 from state import config
@@ -139,6 +139,16 @@ def run_processor(
         except BaseException:
             finish(db_path, run_id, None, status="failed")
             raise
+        slot_held = stack.pop_all()
+    try:
+        slot_held.close()
+    except Exception as error:  # the work is committed: a failed release must not fail the run
+        logger.warning(
+            "could not release the concurrency slot %s (%s); it frees itself when its lease "
+            "expires",
+            slot,
+            describe(error),
+        )
     logger.info(
         "%s: scanned %d, processed %d, skipped %d, errors %d, quarantined %d, deferred %d, "
         "items %d in %.1fs",

@@ -178,3 +178,33 @@ def test_two_processors_in_two_processes_at_once(
         ("linecount",),
         ("usage",),
     ]
+
+
+def test_a_slot_release_that_fails_does_not_fail_a_finished_run(
+    prefect_api: str,
+    monkeypatch: pytest.MonkeyPatch,
+    data_dir: Path,
+    db: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server gone at the very end: the work is committed, so the run completes and says
+    the slot frees itself when its lease expires (the slot is really released here, then the
+    release reports an error, as a dropped connection would)."""
+    import contextlib
+
+    import httpx
+
+    real = processor_flow.concurrency
+
+    @contextlib.contextmanager
+    def release_fails(*args: Any, **kwargs: Any) -> Any:
+        with real(*args, **kwargs):
+            yield
+        raise httpx.ConnectError("All connection attempts failed")
+
+    monkeypatch.setattr(processor_flow, "concurrency", release_fails)
+    write_session(data_dir, "alice/s.jsonl", [user_line("x")])
+    figures = run("usage", data_dir, db)
+    assert figures["processed"] == 1 and figures["errors"] == 0
+    assert "could not release the concurrency slot session-pipeline-usage" in caplog.text
+    assert _rows(db, "SELECT status FROM processor_runs") == [("completed",)]
