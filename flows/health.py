@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,8 +55,11 @@ def assess(
     states: dict[str, Any],
     last_run: tuple[datetime | None, int | None],
     now: float,
+    settled: AbstractSet[tuple[str, int, int]] = frozenset(),
 ) -> ProcessorHealth:
-    """One processor's health from what is on disk and what it has recorded."""
+    """One processor's health from what is on disk and what it has recorded. `states` must
+    hold the rows of every file whose `(key, size, mtime_ns)` is not in `settled` (what
+    this processor version last read well: such a file is up to date by definition)."""
     failed = sum(1 for s in states.values() if s.status == "failed")
     quarantined = sum(1 for s in states.values() if s.status == "quarantined")
     last_at = last_run[0].isoformat() if last_run[0] else None
@@ -75,7 +79,8 @@ def assess(
     if not found:
         blank.message = "no session files"
         return blank
-    the_plan = plan(found, states, str(entry.processor.version))
+    unsettled = [f for f in found if (f.key, f.size, f.mtime_ns) not in settled]
+    the_plan = plan(unsettled, states, str(entry.processor.version))
     pending = the_plan.candidates
     blank.pending = len(pending)
     mtimes = {f.key: f.mtime_ns / 1e9 for f in found}
@@ -83,7 +88,7 @@ def assess(
         blank.lag_seconds = round(max(0.0, now - min(mtimes[c.key] for c in pending)), 3)
     never = [
         f
-        for f in found
+        for f in unsettled
         if (s := states.get(f.key)) is None or (s.file_hash is None and s.status != "quarantined")
     ]
     if never:
@@ -112,9 +117,17 @@ def health(entries: Sequence[Entry], data_dir: Path, db: Path) -> dict[str, Any]
     """The whole report: overall status (the worst processor's) and one entry each."""
     now = time.time()
     found = list(scan(data_dir))
+    settled: dict[str, set[tuple[str, int, int]]] = {}
+    states: dict[str, dict[str, Any]] = {}
     with connect(db) as con:
         migrate(con)
-        states = {e.name: store.load_states(con, e.name) for e in entries}
+        for e in entries:  # whole state rows only for files not settled (fast at 100k)
+            if not e.enabled or e.processor is None:
+                settled[e.name], states[e.name] = set(), {}
+                continue
+            settled[e.name] = store.load_settled(con, e.name, str(e.processor.version))
+            keys = [f.key for f in found if (f.key, f.size, f.mtime_ns) not in settled[e.name]]
+            states[e.name] = store.load_states(con, e.name, keys)
         runs = {
             row[0]: (row[1], row[2])
             for row in con.execute(
@@ -123,7 +136,8 @@ def health(entries: Sequence[Entry], data_dir: Path, db: Path) -> dict[str, Any]
             ).fetchall()
         }
     report = [
-        assess(e, found, states[e.name], runs.get(e.name, (None, None)), now) for e in entries
+        assess(e, found, states[e.name], runs.get(e.name, (None, None)), now, settled[e.name])
+        for e in entries
     ]
     worst = max((r.status for r in report), key=SEVERITY.__getitem__, default="ok")
     return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -35,10 +36,17 @@ def _ok(f: FoundFile) -> StoredState:
         ([4900.0], [False], "stuck"),  # never processed, older than 4 x grace
     ],
 )
-def test_thresholds(ages: list[float], processed: list[bool], status: str) -> None:
+@pytest.mark.parametrize("as_settled", [False, True], ids=["state-rows", "settled-set"])
+def test_thresholds(
+    ages: list[float], processed: list[bool], status: str, as_settled: bool
+) -> None:
+    """The same verdicts whether a processed file comes as its whole state row or only as
+    `(key, size, mtime_ns)` in the settled set (what `health()` loads at scale)."""
     found = [_file(f"alice/s{i}.jsonl", age) for i, age in enumerate(ages)]
-    states = {f.key: _ok(f) for f, done in zip(found, processed, strict=True) if done}
-    report = assess(USAGE, found, states, (datetime.now(UTC), 0), NOW)
+    done = [f for f, ok in zip(found, processed, strict=True) if ok]
+    states = {} if as_settled else {f.key: _ok(f) for f in done}
+    settled = {(f.key, f.size, f.mtime_ns) for f in done} if as_settled else set()
+    report = assess(USAGE, found, states, (datetime.now(UTC), 0), NOW, settled)
     assert report.status == status, report.message
     assert report.pending == processed.count(False)
 
@@ -69,3 +77,21 @@ def test_a_failing_session_counts_as_lag_and_a_quarantined_one_does_not() -> Non
         1,
         1,
     )
+
+
+def test_health_of_a_real_state_database(data_dir: Path, db: Path) -> None:
+    from flows.health import health
+    from flows.pipeline import run_direct
+    from processors.registry import Entry
+    from tests.conftest import user_line, write_session
+
+    for i in range(3):
+        write_session(data_dir, f"alice/s{i}.jsonl", [user_line(f"hello {i}")])
+    run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
+    entries = [Entry("usage", UsageProcessor(), None)]
+    (usage,) = health(entries, data_dir, db)["processors"]
+    assert (usage["status"], usage["pending"], usage["message"]) == ("ok", 0, "up to date")
+    with (data_dir / "alice/s1.jsonl").open("ab") as f:
+        f.write(b'{"type":"user","message":{"role":"user","content":"more"}}\n')
+    (usage,) = health(entries, data_dir, db)["processors"]
+    assert (usage["pending"], usage["message"]) == (1, "1 session(s) waiting")
