@@ -1,5 +1,5 @@
-"""One run of one processor, as plain functions: prepare (migrate, scan, plan), read in
-batches, commit each batch, record the figures.
+"""One run of one processor, as plain functions: begin (ledger entry, migrate, scan, plan),
+read in batches, commit what was read in groups, close (last commit, figures in the ledger).
 
 The Prefect flow in `flows.processor_flow` composes exactly these steps, mapping the batch
 reads across task runs; `run_direct` composes them in a loop without Prefect (benchmarks and
@@ -234,8 +234,6 @@ class Committer:
             return
         quarantined = commit(self.db, self.processor, outcomes, self.max_attempts)
         self.tally.add(outcomes, quarantined, self.max_attempts)
-        for outcome in outcomes:  # committed: let the rows go (a task's future keeps its result)
-            outcome.columns = {}
 
 
 @dataclass(frozen=True)

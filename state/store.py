@@ -198,7 +198,8 @@ def _delete_by_key(con: duckdb.DuckDBPyConnection, table: Table, rows: Columns) 
 def _take(outcomes: Sequence[Outcome], table: Table) -> Columns:
     """The outcomes' rows for `table`, one column list each, taken out of the outcomes so that
     each table's values can be freed once inserted (a big session's rows are most of a
-    commit's memory). One outcome's columns are used as they are, not copied."""
+    commit's memory, and a Prefect future keeps its task's outcomes). One outcome's columns
+    are used as they are, not copied."""
     found = [cols for o in outcomes if (cols := o.columns.pop(table.name, None))]
     if len(found) == 1:
         return found[0]
