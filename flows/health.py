@@ -121,13 +121,15 @@ def health(entries: Sequence[Entry], data_dir: Path, db: Path) -> dict[str, Any]
     states: dict[str, dict[str, Any]] = {}
     with connect(db) as con:
         migrate(con)
-        for e in entries:  # whole state rows only for files not settled (fast at 100k)
-            if not e.enabled or e.processor is None:
-                settled[e.name], states[e.name] = set(), {}
+        for e in entries:  # whole state rows only for unsettled files and failures
+            failing = store.failing_sessions(con, e.name)
+            if not e.enabled or e.processor is None:  # only its failures are reported
+                settled[e.name] = set()
+                states[e.name] = store.load_states(con, e.name, failing)
                 continue
             settled[e.name] = store.load_settled(con, e.name, str(e.processor.version))
-            keys = [f.key for f in found if (f.key, f.size, f.mtime_ns) not in settled[e.name]]
-            states[e.name] = store.load_states(con, e.name, keys)
+            unsettled = [f.key for f in found if (f.key, f.size, f.mtime_ns) not in settled[e.name]]
+            states[e.name] = store.load_states(con, e.name, sorted({*unsettled, *failing}))
         runs = {
             row[0]: (row[1], row[2])
             for row in con.execute(

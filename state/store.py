@@ -70,6 +70,16 @@ def load_settled(
     )
 
 
+def failing_sessions(con: duckdb.DuckDBPyConnection, processor_name: str) -> list[str]:
+    """The sessions whose last read failed or that are quarantined."""
+    rows = con.execute(
+        "SELECT session_file FROM session_processor_state "
+        "WHERE processor_name = ? AND status IN ('failed', 'quarantined') ORDER BY 1",
+        [processor_name],
+    ).fetchall()
+    return [key for (key,) in rows]
+
+
 def load_states(
     con: duckdb.DuckDBPyConnection, processor_name: str, keys: Sequence[str] | None = None
 ) -> dict[str, StoredState]:

@@ -83,6 +83,7 @@ def test_health_of_a_real_state_database(data_dir: Path, db: Path) -> None:
     from flows.health import health
     from flows.pipeline import run_direct
     from processors.registry import Entry
+    from state.db import connect
     from tests.conftest import user_line, write_session
 
     for i in range(3):
@@ -95,3 +96,14 @@ def test_health_of_a_real_state_database(data_dir: Path, db: Path) -> None:
         f.write(b'{"type":"user","message":{"role":"user","content":"more"}}\n')
     (usage,) = health(entries, data_dir, db)["processors"]
     assert (usage["pending"], usage["message"]) == (1, "1 session(s) waiting")
+    # failures are counted even when their file is gone, and for a disabled processor too
+    with connect(db) as con:
+        con.execute(
+            "INSERT INTO session_processor_state (processor_name, session_file, status) "
+            "VALUES ('usage', 'alice/gone.jsonl', 'failed'), ('usage', 'bob/x.jsonl', 'quarantined')"
+        )
+    (usage,) = health(entries, data_dir, db)["processors"]
+    assert (usage["failed"], usage["quarantined"]) == (1, 1)
+    off = [Entry("usage", UsageProcessor(), "switched off")]
+    (usage,) = health(off, data_dir, db)["processors"]
+    assert (usage["status"], usage["failed"], usage["quarantined"]) == ("disabled", 1, 1)
