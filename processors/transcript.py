@@ -114,8 +114,9 @@ def _timestamp(value: object) -> str | None:
     return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def _tag_text(text: str, tag: str) -> str | None:
-    """The text between the first `<tag>` and the first `</tag>` after it, or None."""
+def tag_text(text: str, tag: str) -> str | None:
+    """The text between the first `<tag>` and the first `</tag>` after it, or None. A find()
+    scan: a lazy `<tag>(.*?)</tag>` regex is quadratic in the number of unclosed `<tag>`s."""
     start = text.find(f"<{tag}>")
     if start < 0:
         return None
@@ -152,9 +153,9 @@ def _typed_text(text: str) -> str | None:
     stripped = text.strip()
     if stripped.startswith(_LOCAL_COMMAND_OUTPUT):
         return None
-    name = _tag_text(stripped, "command-name")
+    name = tag_text(stripped, "command-name")
     if name is not None:
-        args = _tag_text(stripped, "command-args")
+        args = tag_text(stripped, "command-args")
         typed = f"{name.strip()} {args.strip()}" if args is not None else name.strip()
         return typed.strip() or None
     stripped = _strip_injected(stripped).strip()

@@ -25,6 +25,7 @@ import orjson
 from processors.base import ColumnRows, Increment, ProcessResult, Table
 from processors.pricing import cost_usd
 from processors.session import Session
+from processors.transcript import tag_text
 
 SYNTHETIC_MODEL = "<synthetic>"
 IDLE_GAP_SECONDS = 300.0
@@ -267,26 +268,15 @@ def _mcp_kind(name: str) -> ToolKind:
 def slash_command(content: object) -> tuple[str, str | None] | None:
     """(command name without `/`, args or None) when a user message is a typed slash command."""
     for text in _texts(content):
-        name = _tag_text(text, "command-name")
+        name = tag_text(text, "command-name")
         if name is None:
             continue
         name = name.strip().lstrip("/").strip()
         if not name:
             continue
-        args = (_tag_text(text, "command-args") or "").strip()
+        args = (tag_text(text, "command-args") or "").strip()
         return name, args or None
     return None
-
-
-def _tag_text(text: str, tag: str) -> str | None:
-    """The text between the first `<tag>` and the first `</tag>` after it, or None. A find()
-    scan: a lazy `<tag>(.*?)</tag>` regex is quadratic in the number of unclosed `<tag>`s."""
-    start = text.find(f"<{tag}>")
-    if start < 0:
-        return None
-    start += len(tag) + 2
-    end = text.find(f"</{tag}>", start)
-    return None if end < 0 else text[start:end]
 
 
 def _may_be_typed(line: Mapping[str, Any]) -> bool:
