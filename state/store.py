@@ -81,22 +81,20 @@ def failing_sessions(con: duckdb.DuckDBPyConnection, processor_name: str) -> lis
 
 
 def load_states(
-    con: duckdb.DuckDBPyConnection, processor_name: str, keys: Sequence[str] | None = None
+    con: duckdb.DuckDBPyConnection, processor_name: str, keys: Sequence[str]
 ) -> dict[str, StoredState]:
-    """Whole state rows: of `keys` only, or of every session when None."""
-    select = """
+    """Whole state rows of these sessions (those a run or a health check must look at)."""
+    if not keys:
+        return {}
+    rows = con.execute(
+        """
         SELECT session_file, size_bytes, mtime_ns, file_hash, processor_version, status,
                coalesce(attempts, 0), last_attempt_at, complete_offset, complete_hash
-        FROM session_processor_state WHERE processor_name = $1
-    """
-    if keys is None:
-        rows = con.execute(select, [processor_name]).fetchall()
-    elif not keys:
-        return {}
-    else:
-        rows = con.execute(
-            select + " AND session_file IN (SELECT UNNEST($2))", [processor_name, list(keys)]
-        ).fetchall()
+        FROM session_processor_state
+        WHERE processor_name = $1 AND session_file IN (SELECT UNNEST($2))
+        """,
+        [processor_name, list(keys)],
+    ).fetchall()
     return {row[0]: StoredState(*row[1:]) for row in rows}
 
 
