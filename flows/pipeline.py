@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -164,7 +165,9 @@ class Tally:
         newly = set(quarantined)
         self.attempted += len(outcomes)
         for o in outcomes:
-            if o.status == "processed":
+            if o.partial:  # a segment: the session counts once, with its last segment
+                self.attempted -= 1
+            elif o.status == "processed":
                 self.figures.processed += 1
                 self.figures.items_extracted += o.items
             elif o.status == "unchanged":
@@ -209,16 +212,25 @@ class Committer:
         self.pending: list[Outcome] = []
         self.rows = 0
         self.since = time.monotonic()
+        self.lock = threading.Lock()  # segments are committed from the threads reading them
 
     def add(self, outcomes: Sequence[Outcome]) -> None:
-        self.pending.extend(outcomes)
-        self.rows += sum(o.row_count for o in outcomes)
-        if self.rows >= self.GROUP_ROWS or time.monotonic() - self.since >= self.commit_seconds:
+        with self.lock:
+            self.pending.extend(outcomes)
+            self.rows += sum(o.row_count for o in outcomes)
+            if self.rows >= self.GROUP_ROWS or time.monotonic() - self.since >= self.commit_seconds:
+                self.flush()
+
+    def commit_now(self, outcome: Outcome) -> None:
+        """Commit a segment of a big file, with whatever else is pending, before the reader
+        goes on: its rows leave memory and the run can be resumed from it."""
+        with self.lock:
+            self.pending.append(outcome)
             self.flush()
 
     def close(self, run_id: str, candidates: int) -> RunFigures:
         """Commit what is left and close the run's ledger entry, on one connection."""
-        with connect(self.db) as con:
+        with self.lock, connect(self.db) as con:
             if self.pending:
                 outcomes, self.pending, self.rows = self.pending, [], 0
                 quarantined = store.commit_batch(con, self.processor, outcomes, self.max_attempts)
@@ -286,7 +298,15 @@ def run_direct(
         for number, batch in enumerate(batches(the_plan.candidates)):
             if number and deadline is not None and time.time() >= deadline:
                 break
-            committer.add(process_batch(processor, batch, deadline, at_least_one=number == 0))
+            committer.add(
+                process_batch(
+                    processor,
+                    batch,
+                    deadline,
+                    at_least_one=number == 0,
+                    emit=committer.commit_now,
+                )
+            )
         return committer.close(run_id, len(the_plan.candidates))
     except BaseException:
         finish(db, run_id, None, status="failed")

@@ -14,7 +14,7 @@ import os
 import stat
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, cast
@@ -27,6 +27,7 @@ from processors.base import (
     Processor,
     ProcessResult,
     Table,
+    WholeReadNeeded,
     is_append_safe,
 )
 from processors.session import Session, SessionIdentity, hash_into, hash_prefix
@@ -177,9 +178,20 @@ def _open_regular(candidate: Candidate) -> IO[bytes]:
     return os.fdopen(fd, "rb")
 
 
-def process_candidate(processor: Processor, candidate: Candidate) -> Outcome:
+# An append-safe processor reads a big file in segments of about this size, each committed (rows,
+# checkpoint and a state row saying how far it got) before the next is read: memory stays
+# bounded whatever the file's size, and a run killed half way continues where it stopped.
+SEGMENT_BYTES = 32 << 20
+
+Emit = Callable[[Outcome], None]
+
+
+def process_candidate(
+    processor: Processor, candidate: Candidate, emit: Emit | None = None
+) -> Outcome:
+    """Read one session. With `emit`, an append-safe processor's read of a big file is cut into
+    segments: each but the last is handed to `emit` (which commits it) as a partial outcome."""
     read_at = datetime.now(UTC)
-    append_safe = is_append_safe(processor)
     try:
         with _open_regular(candidate) as f:
             st = os.fstat(f.fileno())
@@ -189,24 +201,11 @@ def process_candidate(processor: Processor, candidate: Candidate) -> Outcome:
                 if digest == candidate.known_hash:
                     return Outcome(candidate.key, "unchanged", read_at, size, mtime_ns, digest)
                 f.seek(0)
-            hasher = _resume(f, size, candidate) if append_safe else None
-            session = Session(
-                identity=SessionIdentity.from_key(candidate.key),
-                path=Path(candidate.path),
-                size=size,
-                _file=f,
-                start=candidate.resume_offset if hasher is not None else 0,
-                _hasher=hasher if hasher is not None else hashlib.sha256(),
-            )
-            checkpoint: bytes | None = None
-            if append_safe:
-                previous = unpack_checkpoint(candidate.checkpoint) if hasher is not None else None
-                increment = cast(AppendSafe, processor).process_increment(session, previous)
-                result = ProcessResult(increment.rows, increment.items)
-                checkpoint = pack_checkpoint(increment.checkpoint)
-                del previous, increment  # the processor's state: freed before the columns
-            else:
-                result = processor.process(session)
+            if is_append_safe(processor):
+                reader = _Segments(processor, candidate, f, size, mtime_ns, read_at)
+                return reader.read(emit)
+            session = _session(candidate, f, size)
+            result = processor.process(session)
             digest = session.finish()
         if not isinstance(result, ProcessResult):
             # The old contract: a return value of the wrong type counts as 0 items and the
@@ -231,13 +230,91 @@ def process_candidate(processor: Processor, candidate: Candidate) -> Outcome:
         mtime_ns,
         digest,
         columns=columns,
-        increment=hasher is not None,
-        checkpoint=checkpoint,
-        complete_offset=session.complete_offset if append_safe else None,
-        complete_hash=session.complete_hash if append_safe else None,
         items=int(result.items),
         malformed_lines=session.malformed_lines,
     )
+
+
+def _session(
+    candidate: Candidate, f: IO[bytes], end: int, start: int = 0, hasher: Any = None
+) -> Session:
+    return Session(
+        identity=SessionIdentity.from_key(candidate.key),
+        path=Path(candidate.path),
+        size=end,
+        _file=f,
+        start=start,
+        _hasher=hasher if hasher is not None else hashlib.sha256(),
+    )
+
+
+class _Segments:
+    """An append-safe processor's read of one file: from the stored checkpoint when the file
+    only grew since, else from the start; in segments when the caller commits them."""
+
+    def __init__(
+        self,
+        processor: Processor,
+        candidate: Candidate,
+        f: IO[bytes],
+        size: int,
+        mtime_ns: int,
+        read_at: datetime,
+    ) -> None:
+        self.processor = cast(AppendSafe, processor)
+        self.tables = processor.tables
+        self.candidate, self.f, self.size, self.mtime_ns = candidate, f, size, mtime_ns
+        self.read_at = read_at
+
+    def read(self, emit: Emit | None) -> Outcome:
+        candidate, f, size = self.candidate, self.f, self.size
+        hasher = _resume(f, size, candidate)
+        resumed = hasher is not None
+        start = (candidate.resume_offset or 0) if resumed else 0
+        checkpoint = unpack_checkpoint(candidate.checkpoint) if resumed else None
+        segment = SEGMENT_BYTES if emit is not None else size
+        while True:
+            end = min(size, start + segment)
+            f.seek(start)
+            session = _session(candidate, f, end, start, hasher)
+            try:
+                increment = self.processor.process_increment(session, checkpoint)
+            except WholeReadNeeded:
+                if checkpoint is None:
+                    raise
+                # The checkpoint keeps too little for these lines: read the file whole, in
+                # one read (in segments the same entry could be dropped again).
+                log.debug("%s: %s reads the file whole", candidate.key, self.processor.name)
+                start, checkpoint, hasher, resumed, segment = 0, None, None, False, size
+                continue
+            digest = session.finish()
+            if end < size and session.complete_offset == start:
+                segment *= 2  # not one whole line in the segment: a line longer than it
+                continue
+            final = end == size
+            outcome = Outcome(
+                candidate.key,
+                "processed",
+                self.read_at,
+                size if final else session.complete_offset,
+                self.mtime_ns,
+                digest if final else session.complete_hash,
+                columns=to_columns(self.tables, ProcessResult(increment.rows, increment.items)),
+                increment=resumed,
+                checkpoint=pack_checkpoint(increment.checkpoint),
+                complete_offset=session.complete_offset,
+                complete_hash=session.complete_hash,
+                items=int(increment.items),
+                malformed_lines=session.malformed_lines,
+                partial=not final,
+            )
+            if final or emit is None:
+                return outcome
+            checkpoint = increment.checkpoint
+            del increment  # the segment's rows: freed once committed
+            emit(outcome)
+            del outcome
+            start, hasher, resumed = session.complete_offset, session._hasher, True
 
 
 def process_batch(
@@ -246,6 +323,7 @@ def process_batch(
     deadline: float | None = None,
     *,
     at_least_one: bool = False,
+    emit: Emit | None = None,
 ) -> list[Outcome]:
     """Process a batch in order. Past the run's deadline (epoch seconds) the rest of the
     batch is left for the next run rather than holding the processor hostage; with
@@ -254,5 +332,5 @@ def process_batch(
     for candidate in batch:
         if deadline is not None and time.time() >= deadline and (outcomes or not at_least_one):
             break
-        outcomes.append(process_candidate(processor, candidate))
+        outcomes.append(process_candidate(processor, candidate, emit))
     return outcomes

@@ -118,6 +118,12 @@ class Increment:
     checkpoint: Any = None
 
 
+class WholeReadNeeded(Exception):
+    """Raised by an append-safe processor when the new lines need more than its checkpoint
+    keeps (a checkpoint may keep only recent state, so it does not grow with the file). The
+    pipeline then reads the file whole, in one read."""
+
+
 @runtime_checkable
 class Processor(Protocol):
     """What the pipeline needs from a processor.
@@ -143,7 +149,8 @@ class AppendSafe(Protocol):
     `process_increment(session, None)` reads a session whole; `process_increment(session,
     checkpoint)` gets only the lines after the last read, with the checkpoint that read
     returned. The pipeline guarantees the bytes before them are unchanged (else it reads the
-    file whole), and tests that increments at any split give a full read's rows.
+    file whole), and tests that increments at any split give a full read's rows. It may raise
+    WholeReadNeeded from an increment (never from a whole read): the file is then read whole.
     """
 
     append_safe: bool

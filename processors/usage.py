@@ -12,8 +12,10 @@ only the rows those lines added or changed.
 
 from __future__ import annotations
 
+import base64
+import zlib
+from array import array
 from bisect import bisect_right
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from processors.base import ColumnRows, Increment, ProcessResult, Table
+from processors.base import ColumnRows, Increment, ProcessResult, Table, WholeReadNeeded
 from processors.pricing import cost_usd
 from processors.session import Session
 from processors.transcript import tag_text
@@ -298,7 +300,15 @@ def _is_human_turn(line: Mapping[str, Any], content: object) -> bool:
 
 # --- resumable per-file state ----------------------------------------------------------------
 #
-# The state is kept in the shape of its checkpoint, so handing it over costs nothing and loading
+# A checkpoint does not grow with the file. It keeps the recent entries (the last KEEP_EVENTS
+# tool calls and KEEP_REQUESTS requests: what new lines touch in practice, a response streamed
+# across the boundary, a tool result for a recent call), the summary's running totals, and a
+# 64-bit digest of every key ever seen. New lines that touch an older entry (a digest hit) make
+# the read raise WholeReadNeeded and the pipeline reads the file whole, which is always right;
+# so a digest collision costs a whole read, never a wrong row. A 50 MB transcript's checkpoint
+# is ~0.3 MB instead of ~3 MB, and a 500 MB one can be read in segments with bounded memory.
+#
+# Entries are kept in the shape of the checkpoint, so handing it over costs nothing and loading
 # it only rebuilds a few indexes. Events and requests are lists of column values in table order
 # (without session_file and username, which come from the path); every VARCHAR value is an
 # index into `strings` (ids, models and paths repeat across rows) and every TIMESTAMPTZ value is
@@ -307,7 +317,14 @@ def _is_human_turn(line: Mapping[str, Any], content: object) -> bool:
 # changed in place but replaced, so the checkpoint handed in stays as it was (a retry can reuse
 # it) for the price of copying a few lists, not every entry.
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+KEEP_EVENTS = 512
+KEEP_REQUESTS = 128
+# Costs are summed exactly as integers in units of 2**-1074 (the smallest float), so the
+# summary's total does not depend on the order requests were added or replaced in, and an
+# increment's total is bit for bit a whole read's (then rounded once, correctly).
+_COST_SHIFT = 1074
+_COST_UNIT = 1 << _COST_SHIFT
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NAIVE_EPOCH = datetime(1970, 1, 1)
 _MICROSECOND = timedelta(microseconds=1)
@@ -453,6 +470,37 @@ def _changed(
     )
 
 
+def _exact(cost: float) -> int:
+    numerator, denominator = cost.as_integer_ratio()  # denominator: a power of two
+    return numerator << (_COST_SHIFT - denominator.bit_length() + 1)
+
+
+def _digest(text: str) -> int:
+    """A stable 64-bit digest of a key (crc32 and adler32 of its UTF-8: C speed, no salt)."""
+    data = text.encode("utf-8", "surrogatepass")
+    return (zlib.crc32(data) << 32) | zlib.adler32(data)
+
+
+def _request_key(message_id: str | None, request_id: str | None) -> str:
+    return f"r{message_id if message_id is not None else chr(30)}{chr(31)}{request_id}"
+
+
+def _empty_totals() -> dict[str, Any]:
+    """Running totals of every entry ever read: the summary row is made from these."""
+    return {
+        "events": 0,
+        "requests": 0,
+        "by_type": {},  # event_type -> events
+        "tool_errors": 0,
+        "tools": [],  # distinct tool names of tool calls, sorted
+        "skills": [],  # distinct skill names, sorted
+        "models": {},  # model -> [requests, ordinal of its first request]
+        "tokens": [0, 0, 0, 0],  # in _SUMMED order
+        "priced": 0,  # requests with a cost
+        "cost": "0",  # their exact sum in units of 2**-1074, hex
+    }
+
+
 def _empty_checkpoint() -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
@@ -469,6 +517,8 @@ def _empty_checkpoint() -> dict[str, Any]:
         "events": [],
         "requests": [],
         "results": {},  # tool_use_id -> failed, for results whose tool_use is not seen yet
+        "seen": "",  # base64 of the 64-bit digests of every key read (little-endian uint64)
+        "totals": _empty_totals(),
     }
 
 
@@ -478,11 +528,17 @@ class _UsageState:
     Counts the rows each read adds or changes, so an increment returns only those.
     """
 
-    def __init__(self, checkpoint: Any | None) -> None:
+    def __init__(
+        self,
+        checkpoint: Any | None,
+        keep_events: int = KEEP_EVENTS,
+        keep_requests: int = KEEP_REQUESTS,
+    ) -> None:
         if checkpoint is None:
             checkpoint = _empty_checkpoint()
         elif not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("not a usage checkpoint of this format; read the file whole")
+        self.keep_events, self.keep_requests = keep_events, keep_requests
         # Fresh containers (entries are shared: they are replaced, never changed in place).
         self.strings: list[str] = list(checkpoint["strings"])
         self.events: list[list[Any]] = list(checkpoint["events"])
@@ -508,6 +564,18 @@ class _UsageState:
             if entry[_E_TOOL_USE_ID] is not None
         }
         self.event_ids = {entry[_E_EVENT_ID] for entry in self.events}
+        totals = checkpoint["totals"]
+        self.totals: dict[str, Any] = {
+            **totals,
+            "by_type": dict(totals["by_type"]),
+            "models": {model: list(counted) for model, counted in totals["models"].items()},
+            "tokens": list(totals["tokens"]),
+        }
+        # A request's ordinal in the whole file is `request_base` + its index here.
+        self.request_base = totals["requests"] - len(self.requests)
+        self.seen_bytes = base64.b64decode(checkpoint["seen"])
+        # Digests of keys read before and no longer kept as entries (a set: looked up per key).
+        self.seen: set[int] = set(array("Q", self.seen_bytes)) if self.seen_bytes else set()
         # Each entry this read added (None) or changed (a copy as it was before): a row is
         # returned when it differs from that, not whenever a line touched it.
         self.events_before: dict[int, list[Any] | None] = {}
@@ -608,11 +676,19 @@ class _UsageState:
         """A key no other event of the file has: rows are replaced by it."""
         for candidate in (preferred, fallback):
             if candidate is not None and self.string_ids.get(candidate) not in self.event_ids:
+                self._not_seen("e" + candidate)
                 return candidate
         n = 2
         while self.string_ids.get(f"{fallback}#{n}") in self.event_ids:
             n += 1
+        self._not_seen(f"e{fallback}#{n}")
         return f"{fallback}#{n}"
+
+    def _not_seen(self, key: str) -> None:
+        """Raise WholeReadNeeded when a key that is not among the kept entries was read
+        before: what these lines do to it depends on an entry the checkpoint dropped."""
+        if self.seen and _digest(key) in self.seen:
+            raise WholeReadNeeded(f"lines refer to an entry read long before ({key[1:]!r})")
 
     def _add_event(self, values: Mapping[str, Any]) -> None:
         self._append_event(self._pack(_EVENTS, values))
@@ -660,6 +736,7 @@ class _UsageState:
         call (or in another read), so it waits in `results` until the call is seen."""
         index = self.tool_at.get(self.string_ids.get(tool_use_id))
         if index is None:
+            self._not_seen("t" + tool_use_id)
             self.results[tool_use_id] = self.results.get(tool_use_id, False) or failed
             return
         entry = self.events[index]
@@ -701,8 +778,10 @@ class _UsageState:
         if name is None:
             return
         tool_use_id = _str(block.get("id"))
-        if tool_use_id is not None and self.string_ids.get(tool_use_id) in self.tool_at:
-            return  # the same block repeated on another streamed line of the response
+        if tool_use_id is not None:
+            if self.string_ids.get(tool_use_id) in self.tool_at:
+                return  # the same block repeated on another streamed line of the response
+            self._not_seen("t" + tool_use_id)
         kind = classify_tool(name, block.get("input"))
         event_id = self._event_id(tool_use_id, f"line:{self.data['lines']}:{position}")
         intern = self._id
@@ -767,6 +846,8 @@ class _UsageState:
 
         key = (intern(message_id), intern(request_id))
         index = self.request_at.get(key)
+        if index is None:
+            self._not_seen(_request_key(message_id, request_id))
         previous = self.requests[index] if index is not None else None
         if index is not None and previous is not None and _score(entry) < _score(previous):
             # Keep the complete line's figures, but not its blank fields.
@@ -819,29 +900,134 @@ class _UsageState:
         data["malformed_lines"] += session.malformed_lines
         if data["agent_type"] is None:
             data["agent_type"] = read_agent_type(session)
+        self._count_changes()
         changed_events = _changed(self.events, self.events_before, len(_EVENTS.fields))
         changed_requests = _changed(self.requests, self.requests_before, len(_REQUESTS.fields))
         events = self._columns(session, _EVENTS, [self.events[i] for i in changed_events])
         requests = self._columns(session, _REQUESTS, [self.requests[i] for i in changed_requests])
+        totals = self.totals
         return Increment(
             rows={
                 USAGE_EVENTS.name: events,
                 USAGE_REQUESTS.name: requests,
                 USAGE_SESSIONS.name: [self.summary(session)],
             },
-            items=len(self.events) + len(self.requests),
-            checkpoint=data,
+            items=totals["events"] + totals["requests"],
+            checkpoint=self.checkpoint(),
         )
 
+    def _count_changes(self) -> None:
+        """Bring the running totals and the digests up to date with the entries this read
+        added or replaced: take out what a replaced entry counted, add what its new version
+        counts. (A tool call's name and type never change, only whether it failed.)"""
+        totals, strings, seen = self.totals, self.strings, self.seen
+        by_type, models, tokens = totals["by_type"], totals["models"], totals["tokens"]
+        tools, skills = set(totals["tools"]), set(totals["skills"])
+        new_digests: list[int] = []
+        for index, old in self.events_before.items():
+            entry = self.events[index]
+            event_type = strings[entry[_E_TYPE]]
+            if old is None:
+                totals["events"] += 1
+                by_type[event_type] = by_type.get(event_type, 0) + 1
+                new_digests.append(_digest("e" + strings[entry[_E_EVENT_ID]]))
+                if entry[_E_TOOL_USE_ID] is not None:
+                    new_digests.append(_digest("t" + strings[entry[_E_TOOL_USE_ID]]))
+                if event_type != _SLASH:
+                    tools.add(strings[entry[_E_TOOL]])
+                    if entry[_E_SKILL] is not None:
+                        skills.add(strings[entry[_E_SKILL]])
+            if event_type != _SLASH:
+                was_error = old is not None and old[_E_IS_ERROR] is True
+                totals["tool_errors"] += (entry[_E_IS_ERROR] is True) - was_error
+        cost = int(totals["cost"], 16)
+        for index, old in self.requests_before.items():
+            entry = self.requests[index]
+            if old is None:
+                totals["requests"] += 1
+                new_digests.append(
+                    _digest(
+                        _request_key(self._text(entry[_R_MESSAGE]), self._text(entry[_R_REQUEST]))
+                    )
+                )
+            ordinal = self.request_base + index
+            if old is not None and old[_R_MODEL] != entry[_R_MODEL] and old[_R_MODEL] is not None:
+                counted = models[strings[old[_R_MODEL]]]
+                counted[0] -= 1
+                if not counted[0]:
+                    del models[strings[old[_R_MODEL]]]
+                elif counted[1] == ordinal:
+                    # The model's first request changed model: which one is first now is in
+                    # entries the checkpoint may not keep.
+                    raise WholeReadNeeded("a request changed model")
+            if entry[_R_MODEL] is not None and (old is None or old[_R_MODEL] != entry[_R_MODEL]):
+                counted = models.setdefault(strings[entry[_R_MODEL]], [0, ordinal])
+                counted[0] += 1
+                counted[1] = min(counted[1], ordinal)
+            for sign, counted in ((-1, old), (1, entry)):
+                if counted is None:
+                    continue
+                for position, (_, i) in enumerate(_SUMMED):
+                    tokens[position] += sign * (counted[i] or 0)
+                if counted[_R_COST] is not None:
+                    totals["priced"] += sign
+                    cost += sign * _exact(counted[_R_COST])
+        totals["cost"] = format(cost, "x")
+        totals["tools"], totals["skills"] = sorted(tools), sorted(skills)
+        if new_digests:
+            self.seen_bytes += array("Q", new_digests).tobytes()
+            seen.update(new_digests)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The state to continue from: the recent entries (their strings renumbered into a
+        table of their own), the totals, the digests of every key. Plain JSON."""
+        events = self.events[-self.keep_events :] if self.keep_events else []
+        requests = self.requests[-self.keep_requests :] if self.keep_requests else []
+        strings: list[str] = []
+        renumbered: dict[int, int] = {}
+
+        def kept(entries: list[list[Any]], positions: tuple[tuple[int, str], ...]) -> list[Any]:
+            out = []
+            for entry in entries:
+                entry = entry[:]
+                for position, _ in positions:
+                    old = entry[position]
+                    if old is not None:
+                        new = renumbered.get(old)
+                        if new is None:
+                            new = renumbered[old] = len(strings)
+                            strings.append(self.strings[old])
+                        entry[position] = new
+                out.append(entry)
+            return out
+
+        return {
+            **self.data,
+            "spans": [list(span) for span in self.spans],
+            "results": dict(self.results),
+            "events": kept(events, _EVENTS.strings),
+            "requests": kept(requests, _REQUESTS.strings),
+            "strings": strings,
+            "seen": base64.b64encode(self.seen_bytes).decode("ascii"),
+            "totals": {
+                **self.totals,
+                "by_type": dict(sorted(self.totals["by_type"].items())),
+                "models": {
+                    model: list(counted) for model, counted in sorted(self.totals["models"].items())
+                },
+                "tokens": list(self.totals["tokens"]),
+            },
+        }
+
     def summary(self, session: Session) -> dict[str, Any]:
-        """The file's summary row, recomputed from every entry: totals and the primary model
-        then come out exactly as a whole read gives them (float sums in the same order)."""
-        data, strings, requests = self.data, self.strings, self.requests
-        by_type = Counter(strings[entry[_E_TYPE]] for entry in self.events)
-        tool_calls = [entry for entry in self.events if strings[entry[_E_TYPE]] != _SLASH]
-        models = Counter(entry[_R_MODEL] for entry in requests if entry[_R_MODEL] is not None)
-        costs = [entry[_R_COST] for entry in requests if entry[_R_COST] is not None]
-        spans = self.spans
+        """The file's summary row, from the running totals: exactly what a whole read of the
+        same bytes gives, however the file was split into reads."""
+        data, totals, spans = self.data, self.totals, self.spans
+        by_type, models = totals["by_type"], totals["models"]
+        # The most used model; a tie goes to the one whose first request came first.
+        primary = (
+            min(models.items(), key=lambda item: (-item[1][0], item[1][1]))[0] if models else None
+        )
         row = {
             "session_file": session.key,
             "username": session.username,
@@ -854,22 +1040,20 @@ class _UsageState:
             # Time between consecutive activity, leaving out idle gaps longer than 5 minutes.
             "active_seconds": sum(last - first for first, last in spans) / 1_000_000,
             "user_messages": data["user_messages"],
-            "assistant_messages": len(requests),
+            "assistant_messages": totals["requests"],
             "lines": data["lines"],
             "malformed_lines": data["malformed_lines"],
-            "tool_calls": len(tool_calls),
-            "tool_errors": sum(1 for entry in tool_calls if entry[_E_IS_ERROR] is True),
-            "skill_calls": by_type["skill"],
-            "subagent_calls": by_type["subagent"],
-            "mcp_calls": by_type["mcp"],
-            "slash_commands": by_type[_SLASH],
-            "distinct_tools": len({entry[_E_TOOL] for entry in tool_calls}),
-            "distinct_skills": len(
-                {entry[_E_SKILL] for entry in tool_calls if entry[_E_SKILL] is not None}
-            ),
-            "primary_model": strings[models.most_common(1)[0][0]] if models else None,
-            **{name: sum(entry[i] or 0 for entry in requests) for name, i in _SUMMED},
-            "cost_usd": sum(costs) if costs else None,
+            "tool_calls": totals["events"] - by_type.get(_SLASH, 0),
+            "tool_errors": totals["tool_errors"],
+            "skill_calls": by_type.get("skill", 0),
+            "subagent_calls": by_type.get("subagent", 0),
+            "mcp_calls": by_type.get("mcp", 0),
+            "slash_commands": by_type.get(_SLASH, 0),
+            "distinct_tools": len(totals["tools"]),
+            "distinct_skills": len(totals["skills"]),
+            "primary_model": primary,
+            **{name: totals["tokens"][n] for n, (name, _) in enumerate(_SUMMED)},
+            "cost_usd": int(totals["cost"], 16) / _COST_UNIT if totals["priced"] else None,
             "cwd": data["cwd"],
             "git_branch": data["git_branch"],
             "claude_version": data["claude_version"],
@@ -900,7 +1084,9 @@ class UsageProcessor:
     """
 
     name = "usage"
-    version = "1"
+    # 2: summary totals kept running (cost summed exactly, primary-model ties by name) and
+    # checkpoints that keep only recent entries.
+    version = "2"
     cadence_seconds = 600
     append_safe = True
     tables: tuple[Table, ...] = (USAGE_EVENTS, USAGE_REQUESTS, USAGE_SESSIONS)
@@ -910,10 +1096,15 @@ class UsageProcessor:
         increment = self.process_increment(session, None)
         return ProcessResult(rows=increment.rows, items=increment.items)
 
+    def __init__(self, keep_events: int = KEEP_EVENTS, keep_requests: int = KEEP_REQUESTS) -> None:
+        self.keep_events, self.keep_requests = keep_events, keep_requests
+
     def process_increment(self, session: Session, checkpoint: Any | None) -> Increment:
         """Continue from `checkpoint` (None: from the start of the file) with the session's
-        lines; the returned checkpoint is plain JSON (dicts, lists, str, int, float, bool)."""
-        state = _UsageState(checkpoint)
+        lines; the returned checkpoint is plain JSON (dicts, lists, str, int, float, bool).
+        Raises WholeReadNeeded when the lines refer to an entry the checkpoint no longer
+        keeps."""
+        state = _UsageState(checkpoint, self.keep_events, self.keep_requests)
         for line in session.lines():
             state.add_line(session, line)
         return state.increment(session)

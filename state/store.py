@@ -43,6 +43,9 @@ class Outcome:
     malformed_lines: int = 0
     error: str | None = None
     finished_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # A segment of a big file, committed before the rest is read: its state row says how far
+    # the read got (size = complete_offset), so a killed run continues from there.
+    partial: bool = False
 
     @property
     def username(self) -> str:

@@ -139,27 +139,33 @@ def test_a_shorter_file_and_a_version_bump_are_read_whole(
 
 
 @pytest.mark.parametrize(
-    "statement_rows", [None, 5], ids=["defaults", "5-row-statements-compressed-checkpoints"]
+    "variant",
+    ["defaults", "5-row-statements-compressed-checkpoints", "4k-segments", "forgetful"],
 )
 def test_usage_through_the_pipeline_equals_a_full_read(
     tmp_path: Path,
     data_dir: Path,
     db: Path,
-    statement_rows: int | None,
+    variant: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Real samples grown in three steps through the pipeline: every usage table matches a
     fresh full run, row for row, and the later runs read only what was appended. Also with
     inserts and keyed deletes cut into statements of a few rows and every checkpoint stored
-    compressed."""
+    compressed; with files read in segments of 4 KB, each committed on its own; and with
+    checkpoints that keep no entry, so increments fall back to whole reads."""
     from flows import work
     from processors.usage import UsageProcessor
     from state import store
     from tests.conftest import EXAMPLES
 
-    if statement_rows is not None:
-        monkeypatch.setattr(store, "STATEMENT_ROWS", statement_rows)
+    if variant == "5-row-statements-compressed-checkpoints":
+        monkeypatch.setattr(store, "STATEMENT_ROWS", 5)
         monkeypatch.setattr(work, "COMPRESS_CHECKPOINT_ABOVE", 0)
+    if variant == "4k-segments":
+        monkeypatch.setattr(work, "SEGMENT_BYTES", 4096)
+    keep = 0 if variant == "forgetful" else None
+    processor = UsageProcessor(keep, keep) if keep is not None else UsageProcessor()
 
     sources = sorted(p for p in EXAMPLES.rglob("*.jsonl"))
     bodies = {p.relative_to(EXAMPLES): p.read_bytes() for p in sources}
@@ -169,10 +175,10 @@ def test_usage_through_the_pipeline_equals_a_full_read(
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(body[: len(body) * (4 - step) // 3])
         if step < 3:
-            reasons = {c.reason for c in prepare(UsageProcessor(), data_dir, db).candidates}
+            reasons = {c.reason for c in prepare(processor, data_dir, db).candidates}
             assert reasons == {"append"}
-        figures = run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
-        assert figures.errors == 0
+        figures = run_direct(processor, data_dir, db, max_attempts=3)
+        assert (figures.errors, figures.processed) == (0, len(bodies))
     with connect(db) as con:
         reasons = con.execute(
             "SELECT count(*) FROM session_processor_state WHERE complete_offset = size_bytes"

@@ -51,7 +51,7 @@ def summary(result: ProcessResult) -> dict[str, Any]:
 def test_processor_shape() -> None:
     processor = UsageProcessor()
     assert isinstance(processor, Processor)
-    assert (processor.name, processor.version, processor.cadence_seconds) == ("usage", "1", 600)
+    assert (processor.name, processor.version, processor.cadence_seconds) == ("usage", "2", 600)
     assert [t.name for t in processor.tables] == [
         "usage_events",
         "usage_requests",

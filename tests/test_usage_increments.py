@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from processors.base import AppendSafe, Row, Table, is_append_safe
+from processors.base import AppendSafe, Row, Table, WholeReadNeeded, is_append_safe
 from processors.session import Session
 from processors.usage import UsageProcessor
 from tests.conftest import EXAMPLES
@@ -25,6 +25,8 @@ from tests.transcripts import SONNET, Transcript, text, thinking, tool_use, usag
 
 SID = "9d2e4f6a-1b3c-4d5e-8f70-a1b2c3d4e5f6"
 PROCESSOR = UsageProcessor()
+# Keeps no entry: every increment needs an entry it dropped (WholeReadNeeded).
+FORGETFUL = UsageProcessor(keep_events=0, keep_requests=0)
 TABLES: tuple[Table, ...] = PROCESSOR.tables
 TRIALS = 30  # random splittings per file
 WALK_READS = 100
@@ -64,14 +66,29 @@ class Read:
     items: int
     checkpoint: Any
     complete_offset: int
+    whole: bool = False  # the increment needed a whole read (WholeReadNeeded), which this is
 
 
-def read(path: Path, key: str, start: int = 0, checkpoint: Any = None) -> Read:
+def read(
+    path: Path,
+    key: str,
+    start: int = 0,
+    checkpoint: Any = None,
+    processor: UsageProcessor = PROCESSOR,
+) -> Read:
+    """One read as the pipeline does it: an increment, or the whole file when the increment
+    raises WholeReadNeeded."""
     handed_in = orjson.dumps(checkpoint)
-    with Session.open(path, key=key, start=start) as session:
-        increment = PROCESSOR.process_increment(session, checkpoint)
-        session.finish()
-        offset = session.complete_offset
+    try:
+        with Session.open(path, key=key, start=start) as session:
+            increment = processor.process_increment(session, checkpoint)
+            session.finish()
+            offset = session.complete_offset
+    except WholeReadNeeded:
+        assert checkpoint is not None  # a whole read never needs one
+        step = read(path, key, 0, None, processor)
+        step.whole = True
+        return step
     assert orjson.dumps(checkpoint) == handed_in  # pure: a retry can hand the same one again
     assert json_only(increment.checkpoint)
     # Through JSON and back, as the pipeline stores it.
@@ -97,19 +114,28 @@ def whole(path: Path, key: str) -> tuple[dict[str, list[Values]], int]:
 
 
 def read_in_steps(
-    data: bytes, cuts: Sequence[int], path: Path, key: str
-) -> tuple[dict[str, list[Values]], int, int]:
+    data: bytes,
+    cuts: Sequence[int],
+    path: Path,
+    key: str,
+    processor: UsageProcessor = PROCESSOR,
+) -> tuple[dict[str, list[Values]], int, int, int]:
     """Write the file in pieces ending at each cut (then the rest), reading after each piece
-    from where the last read stopped; merge rows by key. Returns rows, items and reads."""
+    from where the last read stopped; merge rows by key (a whole read replaces them all).
+    Returns rows, items, reads and how many of them had to be whole reads."""
     merged: dict[str, dict[Values, Values]] = {t.name: {} for t in TABLES}
     path.write_bytes(b"")
     written, start, checkpoint = 0, 0, None
-    items = reads = 0
+    items = reads = wholes = 0
     for cut in [*cuts, len(data)]:
         with path.open("ab") as f:
             f.write(data[written:cut])
         written = cut
-        step = read(path, key, start, checkpoint)
+        step = read(path, key, start, checkpoint, processor)
+        if step.whole:
+            wholes += 1
+            checkpoint = None
+            merged = {t.name: {} for t in TABLES}
         for table in TABLES:
             returned = step.rows[table.name]
             if not table.key:
@@ -125,7 +151,7 @@ def read_in_steps(
         assert len(step.rows["usage_sessions"]) == 1
         start, checkpoint, items = step.complete_offset, step.checkpoint, step.items
         reads += 1
-    return {name: ordered(rows.values()) for name, rows in merged.items()}, items, reads
+    return {name: ordered(rows.values()) for name, rows in merged.items()}, items, reads, wholes
 
 
 def splittings(data: bytes, seed: str) -> list[list[int]]:
@@ -145,18 +171,22 @@ def splittings(data: bytes, seed: str) -> list[list[int]]:
     return cuts
 
 
-def assert_increments_match_whole(path: Path, key: str, seed: str) -> int:
+def assert_increments_match_whole(
+    path: Path, key: str, seed: str, processor: UsageProcessor = PROCESSOR
+) -> tuple[int, int]:
+    """Every splitting gives the whole read's rows. Returns the reads, and how many of them
+    had to read the file whole."""
     data = path.read_bytes()
     try:
         expected, expected_items = whole(path, key)
-        reads = 0
+        reads = wholes = 0
         for cuts in splittings(data, seed):
-            got, items, n = read_in_steps(data, cuts, path, key)
-            reads += n
+            got, items, n, w = read_in_steps(data, cuts, path, key, processor)
+            reads, wholes = reads + n, wholes + w
             for table in TABLES:
                 assert got[table.name] == expected[table.name], (key, table.name, cuts)
             assert items == expected_items, (key, cuts)
-        return reads
+        return reads, wholes
     finally:
         path.write_bytes(data)
 
@@ -177,8 +207,19 @@ def samples(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("key", sample_keys())
 def test_samples_split_anywhere_give_the_whole_read(samples: Path, key: str) -> None:
-    reads = assert_increments_match_whole(samples / key, key, seed=key)
+    reads, wholes = assert_increments_match_whole(samples / key, key, seed=key)
     assert reads > 3 * TRIALS
+    assert wholes == 0  # real transcripts only touch recent entries
+
+
+@pytest.mark.parametrize(
+    "key", sorted(sample_keys(), key=lambda k: (EXAMPLES / k).stat().st_size)[-3:]
+)
+def test_a_checkpoint_keeping_almost_nothing_still_gives_the_whole_read(
+    samples: Path, key: str
+) -> None:
+    _, wholes = assert_increments_match_whole(samples / key, key, key, FORGETFUL)
+    assert wholes > 0  # the fallback was taken, and gave the same rows
 
 
 # --- synthetic transcripts --------------------------------------------------------------------
@@ -311,6 +352,14 @@ def test_fuzzed_lines_split_anywhere(tmp_path: Path) -> None:
     key = f"alice/{SID}.jsonl"
     path = write(fuzzed_transcript(), tmp_path, key)
     assert_increments_match_whole(path, key, seed="fuzz")
+
+
+@pytest.mark.parametrize("make", [tricky_transcript, fuzzed_transcript])
+def test_forgetful_checkpoints_split_anywhere(tmp_path: Path, make: Any) -> None:
+    key = f"alice/{SID}.jsonl"
+    path = write(make(), tmp_path, key)
+    _, wholes = assert_increments_match_whole(path, key, "forgetful", FORGETFUL)
+    assert wholes > 0
 
 
 # --- what one increment returns ---------------------------------------------------------------
