@@ -227,6 +227,11 @@ class Committer:
         with self.lock:
             self.pending.append(outcome)
             self.flush()
+        self.tally.logger.info(
+            "session %s: committed the first %d bytes (a big file is read in segments)",
+            outcome.key,
+            outcome.complete_offset or 0,
+        )
 
     def close(self, run_id: str, candidates: int) -> RunFigures:
         """Commit what is left and close the run's ledger entry, on one connection."""

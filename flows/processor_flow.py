@@ -24,7 +24,7 @@ from prefect.states import Failed, State
 
 from flows.names import flow_attribute, flow_name, limit_name
 from flows.pipeline import Committer, batches, begin, deadline_for, finish
-from flows.work import describe, process_batch
+from flows.work import Emit, describe, process_batch
 from processors import registry
 from processors.base import Processor
 from state import config
@@ -60,10 +60,15 @@ def __getattr__(attribute: str) -> Flow[..., dict[str, Any] | State]:
     task_run_name="{processor.name}-batch-{index}",
 )
 def process_sessions(
-    processor: Processor, index: int, batch: list[Candidate], deadline: float | None
+    processor: Processor,
+    index: int,
+    batch: list[Candidate],
+    deadline: float | None,
+    commit_segment: Emit | None = None,
 ) -> list[Outcome]:
-    """Read one batch of sessions. Pure: returns outcomes, writes nothing."""
-    return process_batch(processor, batch, deadline, at_least_one=index == 0)
+    """Read one batch of sessions and return the outcomes; only the segments of a big file
+    are committed as they are read (`commit_segment`), so its rows never pile up."""
+    return process_batch(processor, batch, deadline, at_least_one=index == 0, emit=commit_segment)
 
 
 def _ensure_limit(name: str) -> None:
@@ -96,7 +101,13 @@ def _process(
 ) -> None:
     """Map the batches over task runs and commit their outcomes as they complete."""
     work = batches(candidates)
-    futures = process_sessions.map(unmapped(processor), range(len(work)), work, unmapped(deadline))
+    futures = process_sessions.map(
+        unmapped(processor),
+        range(len(work)),
+        work,
+        unmapped(deadline),
+        unmapped(committer.commit_now),
+    )
     batch_of = {id(f): b for f, b in zip(futures, work, strict=True)}
     for future in as_completed(futures):
         try:

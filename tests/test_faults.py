@@ -179,6 +179,58 @@ def test_runs_killed_at_several_points_end_row_for_row_equal_to_a_clean_run(
     assert all(len(expected[t]) > 0 for t in expected)
 
 
+# A big file is read in segments, each committed with a state row saying how far the read got.
+SEGMENTED_RUN = """
+import sys
+from pathlib import Path
+from flows import work
+from flows.pipeline import run_direct
+from processors.usage import UsageProcessor
+work.SEGMENT_BYTES = 64 * 1024
+run_direct(UsageProcessor(), Path(sys.argv[1]), Path(sys.argv[2]), max_attempts=5)
+"""
+
+
+def test_a_big_file_killed_between_segments_continues_where_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench.corpus import big_session
+    from flows import work
+    from flows.pipeline import prepare
+
+    data_dir, clean_db, db = tmp_path / "sessions", tmp_path / "clean.duckdb", tmp_path / "k.duckdb"
+    big = data_dir / "alice" / "5e55b16a-0000-4000-a000-000000000001.jsonl"
+    big.parent.mkdir(parents=True)
+    big_session(big, 3 << 20)
+    size = big.stat().st_size
+    clean = run_direct(UsageProcessor(), data_dir, clean_db, max_attempts=5)  # one read
+    assert (clean.processed, clean.errors) == (1, 0)
+    partial = (
+        "SELECT count(*) FROM session_processor_state "
+        f"WHERE status = 'ok' AND complete_offset BETWEEN 1 AND {size // 2}"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SEGMENTED_RUN, str(data_dir), str(db)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for("a segment committed", lambda: (_peek(db, partial) or (0,))[0] == 1, 120, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        _kill(proc)
+    ((offset, stored_size),) = _rows(
+        db, "SELECT complete_offset, size_bytes FROM session_processor_state"
+    )
+    assert 0 < offset == stored_size < size  # how far the killed read got, committed
+    (candidate,) = prepare(UsageProcessor(), data_dir, db).candidates
+    assert (candidate.reason, candidate.resume_offset) == ("append", offset)
+    monkeypatch.setattr(work, "SEGMENT_BYTES", 64 * 1024)
+    again = run_direct(UsageProcessor(), data_dir, db, max_attempts=5)
+    assert (again.processed, again.errors) == (1, 0)
+    assert _tables(db, USAGE_TABLES, "usage") == _tables(clean_db, USAGE_TABLES, "usage")
+
+
 # the Prefect server restarted during a run ---------------------------------------------------
 
 
@@ -595,6 +647,7 @@ class TruncatingUsage(UsageProcessor):
     already taken) and before a byte of it is read."""
 
     def __init__(self, victim: Path) -> None:
+        super().__init__()
         self.victim = victim
 
     def process(self, session: Session) -> ProcessResult:

@@ -67,6 +67,36 @@ def test_usage_flow_on_the_samples(prefect_api: str, tmp_path: Path, db: Path) -
     assert (again["processed"], again["skipped"]) == (0, 7)
 
 
+def test_the_flow_commits_big_files_in_segments_from_its_task_runs(
+    prefect_api: str,
+    tmp_path: Path,
+    db: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With 4 KB segments every sample is read in several segments, each committed from the
+    task run reading it: the tables equal a run without Prefect that reads each file whole."""
+    from flows import work
+    from flows.pipeline import run_direct
+    from processors.usage import UsageProcessor
+
+    data_dir = tmp_path / "sessions"
+    shutil.copytree(EXAMPLES, data_dir)
+    clean = tmp_path / "clean.duckdb"
+    run_direct(UsageProcessor(), data_dir, clean, max_attempts=3)
+    monkeypatch.setattr(work, "SEGMENT_BYTES", 4096)
+    figures = run("usage", data_dir, db)
+    assert (figures["processed"], figures["errors"], figures["deferred"]) == (7, 0, 0)
+    segments = [r.getMessage() for r in caplog.records if "read in segments" in r.getMessage()]
+    largest = max(p.stat().st_size for p in data_dir.rglob("*.jsonl"))
+    assert len(segments) > largest // 4096 > 5  # in the run's log, so in the Prefect UI too
+    for table in ("usage_events", "usage_requests", "usage_sessions"):
+        sql = f"SELECT * FROM {table} ORDER BY ALL"
+        assert _rows(db, sql) == _rows(clean, sql), table
+    state = "SELECT session_file, size_bytes, complete_offset, items_extracted, file_hash FROM session_processor_state ORDER BY ALL"
+    assert _rows(db, state) == _rows(clean, state)
+
+
 def test_a_failing_session_does_not_fail_the_run(
     prefect_api: str, linecount: Any, data_dir: Path, db: Path
 ) -> None:
