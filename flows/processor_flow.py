@@ -18,9 +18,12 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
+from prefect.context import TagsContext
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from flows.names import flow_attribute, flow_name, limit_name
 from flows.pipeline import Committer, batches, begin, deadline_for, finish
@@ -36,6 +39,22 @@ from state.store import Outcome, RunFigures
 # How long a run waits for its processor's slot before refusing. Generous because acquiring
 # goes through the Prefect API, which can be slow under load (SQLite contention on the server).
 LOCK_WAIT_SECONDS = 30.0
+
+
+def read_threads(processor_name: str) -> int:
+    """How many task runs of a flow read at once: the processor's `read_threads`, else one.
+
+    Reading is Python under the GIL: a second reader thread only contends with the first and
+    with the flow's commits (Prefect's default, a thread per task run, read all 50 batches at
+    once and held every outcome until the end). One reader overlaps with the commits instead,
+    and its outcomes are committed as they come (figure 3 in docs/benchmarks.md). A processor
+    that mostly waits (on an LLM) asks for more.
+    """
+    for entry in registry.entries():
+        if entry.name == processor_name and entry.processor is not None:
+            wanted = getattr(entry.processor, "read_threads", 1)
+            return wanted if isinstance(wanted, int) and wanted >= 1 else 1
+    return 1
 
 
 class ProcessorBusyError(RuntimeError):
@@ -93,21 +112,36 @@ def _artifact(figures: RunFigures) -> None:
         )
 
 
+def run_tags(processor_name: str) -> tuple[str, ...]:
+    """The tags `run()` gives a flow run (a deployment gives its runs the same ones)."""
+    return ("session-pipeline", f"processor:{processor_name}")
+
+
 def _process(
     processor: Processor,
     candidates: list[Candidate],
     deadline: float | None,
     committer: Committer,
 ) -> None:
-    """Map the batches over task runs and commit their outcomes as they complete."""
+    """Map the batches over task runs and commit their outcomes as they complete.
+
+    Two things keep a task run's engine work to a few milliseconds. The processor and the
+    batches are quoted: they hold no futures, and Prefect would otherwise walk every candidate
+    of a batch twice per task run looking for some (~3 s of a 10k-session run). And the task
+    runs do not inherit the tags `run()` gives the flow run (a deployed run's task runs have
+    none either): a tagged task run asks the API for tag concurrency slots before it starts
+    and releases them after, 0.1 to 0.2 s per task run on a busy machine, the reader idle.
+    """
     work = batches(candidates)
-    futures = process_sessions.map(
-        unmapped(processor),
-        range(len(work)),
-        work,
-        unmapped(deadline),
-        unmapped(committer.commit_now),
-    )
+    tags = TagsContext.get().current_tags - set(run_tags(processor.name))
+    with TagsContext(current_tags=tags):
+        futures = process_sessions.map(
+            unmapped(quote(processor)),
+            range(len(work)),
+            [quote(batch) for batch in work],
+            unmapped(deadline),
+            unmapped(committer.commit_now),
+        )
     batch_of = {id(f): b for f, b in zip(futures, work, strict=True)}
     for future in as_completed(futures):
         try:
@@ -186,6 +220,7 @@ def build_flow(processor_name: str) -> Flow[..., dict[str, Any] | State]:
     @flow(
         name=flow_name(processor_name),
         flow_run_name=run_name,
+        task_runner=ThreadPoolTaskRunner(max_workers=read_threads(processor_name)),
         description=f"Reads new and changed session transcripts with the {processor_name} "
         "processor and commits what it extracts to DuckDB.",
         validate_parameters=True,
@@ -229,7 +264,7 @@ def run(
     from prefect import tags
 
     registry.get(processor_name)  # unknown or disabled: fail before Prefect starts
-    with tags("session-pipeline", f"processor:{processor_name}"):
+    with tags(*run_tags(processor_name)):
         state = build_flow(processor_name)(
             data_dir=str(data_dir) if data_dir else None,
             db=str(db) if db else None,

@@ -130,7 +130,9 @@ class Processor(Protocol):
 
     `version` is part of every state row: changing it reprocesses every session for this
     processor alone. `cadence_seconds` is the default interval between scheduled runs.
-    `views` are `CREATE OR REPLACE VIEW` statements run after the tables exist.
+    `views` are `CREATE OR REPLACE VIEW` statements run after the tables exist. Optionally,
+    `read_threads` (default 1) is how many batches a flow run reads at once: more only helps
+    a processor that mostly waits (on an LLM); Python work just contends for the GIL.
     """
 
     name: str

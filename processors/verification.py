@@ -476,6 +476,7 @@ class VerificationProcessor:
     name = "verification"
     version = "1"
     cadence_seconds = 900
+    read_threads = 4  # batches in flight at once: the time goes in waiting for the LLM
     tables: tuple[Table, ...] = (VERIFICATION_EVIDENCE, VERIFICATION_SESSIONS)
     views: tuple[str, ...] = (KNOWLEDGE_REVIEWS_DDL, KNOWLEDGE_ITEMS_VIEW)
 

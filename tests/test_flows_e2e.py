@@ -62,6 +62,12 @@ def test_usage_flow_on_the_samples(prefect_api: str, tmp_path: Path, db: Path) -
         assert limit.limit == 1 and limit.active_slots == 0
         flow = client.read_flow(flow_run.flow_id)
         assert flow.name == "usage-processor"
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+        assert {t.name for t in task_runs} == {f"usage-batch-{i}" for i in range(7)}
+        # Untagged: a tagged task run waits on the API for tag concurrency slots.
+        assert all(not t.tags for t in task_runs)
     # a second run finds nothing to do, and says so
     again = run("usage", data_dir, db)
     assert (again["processed"], again["skipped"]) == (0, 7)
@@ -95,6 +101,14 @@ def test_the_flow_commits_big_files_in_segments_from_its_task_runs(
         assert _rows(db, sql) == _rows(clean, sql), table
     state = "SELECT session_file, size_bytes, complete_offset, items_extracted, file_hash FROM session_processor_state ORDER BY ALL"
     assert _rows(db, state) == _rows(clean, state)
+
+
+def test_flows_read_with_as_many_threads_as_their_processor_asks() -> None:
+    assert processor_flow.read_threads("usage") == 1  # CPU-bound: one reader, no GIL fight
+    assert processor_flow.read_threads("verification") == 4  # waits on the LLM
+    assert processor_flow.read_threads("no-such-processor") == 1
+    runner = processor_flow.build_flow("verification").task_runner
+    assert runner._max_workers == 4  # (Prefect keeps it private)
 
 
 def test_a_failing_session_does_not_fail_the_run(
