@@ -917,22 +917,18 @@ class _UsageState:
         )
 
     def _count_changes(self) -> None:
-        """Bring the running totals and the digests up to date with the entries this read
-        added or replaced: take out what a replaced entry counted, add what its new version
-        counts. (A tool call's name and type never change, only whether it failed.)"""
-        totals, strings, seen = self.totals, self.strings, self.seen
+        """Bring the running totals up to date with the entries this read added or replaced:
+        take out what a replaced entry counted, add what its new version counts. (A tool
+        call's name and type never change, only whether it failed.)"""
+        totals, strings = self.totals, self.strings
         by_type, models, tokens = totals["by_type"], totals["models"], totals["tokens"]
         tools, skills = set(totals["tools"]), set(totals["skills"])
-        new_digests: list[int] = []
         for index, old in self.events_before.items():
             entry = self.events[index]
             event_type = strings[entry[_E_TYPE]]
             if old is None:
                 totals["events"] += 1
                 by_type[event_type] = by_type.get(event_type, 0) + 1
-                new_digests.append(_digest("e" + strings[entry[_E_EVENT_ID]]))
-                if entry[_E_TOOL_USE_ID] is not None:
-                    new_digests.append(_digest("t" + strings[entry[_E_TOOL_USE_ID]]))
                 if event_type != _SLASH:
                     tools.add(strings[entry[_E_TOOL]])
                     if entry[_E_SKILL] is not None:
@@ -945,11 +941,6 @@ class _UsageState:
             entry = self.requests[index]
             if old is None:
                 totals["requests"] += 1
-                new_digests.append(
-                    _digest(
-                        _request_key(self._text(entry[_R_MESSAGE]), self._text(entry[_R_REQUEST]))
-                    )
-                )
             ordinal = self.request_base + index
             if old is not None and old[_R_MODEL] != entry[_R_MODEL] and old[_R_MODEL] is not None:
                 counted = models[strings[old[_R_MODEL]]]
@@ -974,41 +965,39 @@ class _UsageState:
                     cost += sign * _exact(counted[_R_COST])
         totals["cost"] = format(cost, "x")
         totals["tools"], totals["skills"] = sorted(tools), sorted(skills)
-        if new_digests:
-            self.seen_bytes += array("Q", new_digests).tobytes()
-            seen.update(new_digests)
 
     def checkpoint(self) -> dict[str, Any]:
-        """The state to continue from: the recent entries (their strings renumbered into a
-        table of their own), the totals, the digests of every key. Plain JSON."""
-        events = self.events[-self.keep_events :] if self.keep_events else []
-        requests = self.requests[-self.keep_requests :] if self.keep_requests else []
-        strings: list[str] = []
-        renumbered: dict[int, int] = {}
-
-        def kept(entries: list[list[Any]], positions: tuple[tuple[int, str], ...]) -> list[Any]:
-            out = []
-            for entry in entries:
-                entry = entry[:]
-                for position, _ in positions:
-                    old = entry[position]
-                    if old is not None:
-                        new = renumbered.get(old)
-                        if new is None:
-                            new = renumbered[old] = len(strings)
-                            strings.append(self.strings[old])
-                        entry[position] = new
-                out.append(entry)
-            return out
-
+        """The state to continue from: the recent entries, the totals, and the digests of the
+        keys of every entry no longer kept (the entries dropped now are digested now). Plain
+        JSON. While nothing is dropped (most files) the entries and strings go as they are."""
+        dropped_events = max(0, len(self.events) - self.keep_events)
+        dropped_requests = max(0, len(self.requests) - self.keep_requests)
+        events, requests, strings = self.events, self.requests, self.strings
+        seen = self.seen_bytes
+        if dropped_events or dropped_requests:
+            text = self._text
+            digests = [
+                _digest(f"{kind}{text(entry[position])}")
+                for entry in events[:dropped_events]
+                for kind, position in (("e", _E_EVENT_ID), ("t", _E_TOOL_USE_ID))
+                if entry[position] is not None
+            ]
+            digests.extend(
+                _digest(_request_key(text(entry[_R_MESSAGE]), text(entry[_R_REQUEST])))
+                for entry in requests[:dropped_requests]
+            )
+            seen += array("Q", digests).tobytes()
+            events, requests, strings = self._renumbered(
+                events[dropped_events:], requests[dropped_requests:]
+            )
         return {
             **self.data,
             "spans": [list(span) for span in self.spans],
             "results": dict(self.results),
-            "events": kept(events, _EVENTS.strings),
-            "requests": kept(requests, _REQUESTS.strings),
-            "strings": strings,
-            "seen": base64.b64encode(self.seen_bytes).decode("ascii"),
+            "events": list(events),
+            "requests": list(requests),
+            "strings": list(strings),
+            "seen": base64.b64encode(seen).decode("ascii"),
             "totals": {
                 **self.totals,
                 "by_type": dict(sorted(self.totals["by_type"].items())),
@@ -1018,6 +1007,31 @@ class _UsageState:
                 "tokens": list(self.totals["tokens"]),
             },
         }
+
+    def _renumbered(
+        self, events: list[list[Any]], requests: list[list[Any]]
+    ) -> tuple[list[list[Any]], list[list[Any]], list[str]]:
+        """Kept entries with their strings moved to a table of their own, so the table does
+        not keep every id the file ever had."""
+        strings: list[str] = []
+        numbers: dict[int, int] = {}
+
+        def moved(entries: list[list[Any]], positions: tuple[tuple[int, str], ...]) -> list[Any]:
+            out = []
+            for entry in entries:
+                entry = entry[:]
+                for position, _ in positions:
+                    old = entry[position]
+                    if old is not None:
+                        new = numbers.get(old)
+                        if new is None:
+                            new = numbers[old] = len(strings)
+                            strings.append(self.strings[old])
+                        entry[position] = new
+                out.append(entry)
+            return out
+
+        return moved(events, _EVENTS.strings), moved(requests, _REQUESTS.strings), strings
 
     def summary(self, session: Session) -> dict[str, Any]:
         """The file's summary row, from the running totals: exactly what a whole read of the
