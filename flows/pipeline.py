@@ -168,6 +168,11 @@ class Tally:
         for o in outcomes:
             if o.partial:  # a segment: the session counts once, with its last segment
                 self.attempted -= 1
+                self.logger.info(
+                    "session %s: committed its first %d bytes (a big file is read in segments)",
+                    o.key,
+                    o.complete_offset or 0,
+                )
             elif o.status == "processed":
                 self.figures.processed += 1
                 self.figures.items_extracted += o.items
@@ -228,11 +233,6 @@ class Committer:
         with self.lock:
             self.pending.append(outcome)
             self.flush()
-        self.tally.logger.info(
-            "session %s: committed the first %d bytes (a big file is read in segments)",
-            outcome.key,
-            outcome.complete_offset or 0,
-        )
 
     def close(self, run_id: str, candidates: int) -> RunFigures:
         """Commit what is left and close the run's ledger entry, on one connection."""

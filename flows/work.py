@@ -186,10 +186,15 @@ Emit = Callable[[Outcome], None]
 
 
 def process_candidate(
-    processor: Processor, candidate: Candidate, emit: Emit | None = None
+    processor: Processor,
+    candidate: Candidate,
+    emit: Emit | None = None,
+    deadline: float | None = None,
 ) -> Outcome:
     """Read one session. With `emit`, an append-safe processor's read of a big file is cut into
-    segments: each but the last is handed to `emit` (which commits it) as a partial outcome."""
+    segments: each but the last is handed to `emit` (which commits it) as a partial outcome.
+    Past `deadline` (epoch seconds) the segment just read is returned, partial: the next run
+    continues from it."""
     read_at = datetime.now(UTC)
     try:
         with _open_regular(candidate) as f:
@@ -202,7 +207,7 @@ def process_candidate(
                 f.seek(0)
             if is_append_safe(processor):
                 reader = _Segments(processor, candidate, f, size, mtime_ns, read_at)
-                return reader.read(emit)
+                return reader.read(emit, deadline)
             session = _session(candidate, f, size)
             result = processor.process(session)
             digest = session.finish()
@@ -265,7 +270,7 @@ class _Segments:
         self.candidate, self.f, self.size, self.mtime_ns = candidate, f, size, mtime_ns
         self.read_at = read_at
 
-    def read(self, emit: Emit | None) -> Outcome:
+    def read(self, emit: Emit | None, deadline: float | None = None) -> Outcome:
         candidate, f, size = self.candidate, self.f, self.size
         hasher = _resume(f, size, candidate)
         resumed = hasher is not None
@@ -307,7 +312,7 @@ class _Segments:
                 malformed_lines=session.malformed_lines,
                 partial=not final,
             )
-            if final or emit is None:
+            if final or emit is None or (deadline is not None and time.time() >= deadline):
                 return outcome
             checkpoint = increment.checkpoint
             del increment  # the segment's rows: freed once committed
@@ -331,5 +336,5 @@ def process_batch(
     for candidate in batch:
         if deadline is not None and time.time() >= deadline and (outcomes or not at_least_one):
             break
-        outcomes.append(process_candidate(processor, candidate, emit))
+        outcomes.append(process_candidate(processor, candidate, emit, deadline))
     return outcomes

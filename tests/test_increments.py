@@ -208,3 +208,36 @@ def test_checkpoints_are_stored_as_json_or_compressed_json(
     assert len(packed) < len(small) and unpack_checkpoint(packed) == value
     assert unpack_checkpoint(small) == value
     assert unpack_checkpoint(b"[1,2]") == [1, 2] and unpack_checkpoint(b"null") is None
+
+
+def test_a_spent_time_budget_stops_a_big_file_between_segments(
+    tmp_path: Path, data_dir: Path, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose time budget is spent stops after the segment it is reading, commits it
+    (the session is deferred, not processed) and the next run continues from there."""
+    from flows import work
+    from processors.usage import UsageProcessor
+    from tests.conftest import EXAMPLES
+
+    source = max(EXAMPLES.rglob("*.jsonl"), key=lambda p: p.stat().st_size)
+    target = data_dir / "alice" / source.name
+    target.parent.mkdir(parents=True)
+    target.write_bytes(source.read_bytes())
+    clean = tmp_path / "clean.duckdb"
+    run_direct(UsageProcessor(), data_dir, clean, max_attempts=3)
+    monkeypatch.setattr(work, "SEGMENT_BYTES", 4096)
+    cut = run_direct(UsageProcessor(), data_dir, db, max_attempts=3, time_budget_seconds=1e-6)
+    assert (cut.processed, cut.deferred, cut.errors) == (0, 1, 0)
+    with connect(db) as con:
+        ((offset, size),) = con.execute(
+            "SELECT complete_offset, size_bytes FROM session_processor_state"
+        ).fetchall()
+    assert 0 < offset == size < target.stat().st_size
+    rest = run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
+    assert (rest.processed, rest.deferred, rest.errors) == (1, 0, 0)
+    for table in ("usage_events", "usage_requests", "usage_sessions"):
+        sql = f"SELECT * FROM {table} ORDER BY ALL"
+        with connect(db) as con:
+            mine = con.execute(sql).fetchall()
+        with connect(clean) as con:
+            assert mine == con.execute(sql).fetchall(), table
