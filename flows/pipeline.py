@@ -14,7 +14,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,24 +63,33 @@ def prepare(
     held during the scan (about a second per 100k files): opening another costs more."""
     check_data_dir(data_dir)
     with connect(db) as con:
-        migrate(con)
-        rebuilt = store.ensure_outputs(con, processor)
+        return _prepare(con, processor, data_dir, ledger)
+
+
+def _prepare(
+    con: duckdb.DuckDBPyConnection,
+    processor: Processor,
+    data_dir: Path,
+    ledger: LedgerEntry | None,
+) -> Plan:
+    migrate(con)
+    rebuilt = store.ensure_outputs(con, processor)
+    if ledger is not None:
+        store.start_run(
+            con,
+            ledger.run_id,
+            processor,
+            started_at=ledger.started_at,
+            flow_run_id=ledger.flow_run_id,
+        )
+    try:
+        return _plan(con, processor, data_dir, rebuilt)
+    except BaseException:
         if ledger is not None:
-            store.start_run(
-                con,
-                ledger.run_id,
-                processor,
-                started_at=ledger.started_at,
-                flow_run_id=ledger.flow_run_id,
+            store.finish_run(
+                con, ledger.run_id, None, finished_at=datetime.now(UTC), status="failed"
             )
-        try:
-            return _plan(con, processor, data_dir, rebuilt)
-        except BaseException:
-            if ledger is not None:
-                store.finish_run(
-                    con, ledger.run_id, None, finished_at=datetime.now(UTC), status="failed"
-                )
-            raise
+        raise
 
 
 def _plan(
@@ -192,13 +202,6 @@ class Tally:
         return self.figures
 
 
-def commit(
-    db: Path, processor: Processor, outcomes: Sequence[Outcome], max_attempts: int
-) -> list[str]:
-    with connect(db) as con:
-        return store.commit_batch(con, processor, outcomes, max_attempts)
-
-
 class Committer:
     """Commits a run's outcomes in groups, each group in one transaction.
 
@@ -207,13 +210,22 @@ class Committer:
     a run there. Outcomes wait until GROUP_ROWS rows have gathered or `commit_seconds` have
     passed (`SESSION_PIPELINE_COMMIT_SECONDS`, default 5), and the rest go at `close()`. A
     crash loses at most that much work, which the next run redoes; the connection is still
-    held only while committing, so other processes share the file.
+    held only while committing, so other processes share the file. The one exception is
+    `held`: a run with nothing to read ends on the connection it planned with.
     """
 
     GROUP_ROWS = 50_000
 
-    def __init__(self, db: Path, processor: Processor, max_attempts: int, tally: Tally) -> None:
+    def __init__(
+        self,
+        db: Path,
+        processor: Processor,
+        max_attempts: int,
+        tally: Tally,
+        held: tuple[duckdb.DuckDBPyConnection, ExitStack] | None = None,
+    ) -> None:
         self.db, self.processor, self.max_attempts, self.tally = db, processor, max_attempts, tally
+        self.held, self._closing = held if held is not None else (None, ExitStack())
         self.commit_seconds = config.commit_seconds()
         self.pending: list[Outcome] = []
         self.rows = 0
@@ -234,9 +246,33 @@ class Committer:
             self.pending.append(outcome)
             self.flush()
 
+    @contextmanager
+    def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        if self.held is not None:
+            yield self.held
+        else:
+            with connect(self.db) as con:
+                yield con
+
+    def release(self) -> None:
+        """Close the held connection, if any (safe to call twice)."""
+        self.held = None
+        self._closing.close()
+
+    def abort(self, run_id: str) -> None:
+        """The run failed: release what it holds and mark it failed in the ledger."""
+        self.release()
+        finish(self.db, run_id, None, status="failed")
+
     def close(self, run_id: str, candidates: int) -> RunFigures:
         """Commit what is left and close the run's ledger entry, on one connection."""
-        with self.lock, connect(self.db) as con:
+        try:
+            return self._close(run_id, candidates)
+        finally:
+            self.release()
+
+    def _close(self, run_id: str, candidates: int) -> RunFigures:
+        with self.lock, self._connection() as con:
             if self.pending:
                 outcomes, self.pending, self.rows = self.pending, [], 0
                 quarantined = store.commit_batch(con, self.processor, outcomes, self.max_attempts)
@@ -250,7 +286,8 @@ class Committer:
         self.since = time.monotonic()
         if not outcomes:
             return
-        quarantined = commit(self.db, self.processor, outcomes, self.max_attempts)
+        with self._connection() as con:
+            quarantined = store.commit_batch(con, self.processor, outcomes, self.max_attempts)
         self.tally.add(outcomes, quarantined, self.max_attempts)
 
 
@@ -265,16 +302,26 @@ def begin(
     processor: Processor,
     data_dir: Path,
     db: Path,
+    max_attempts: int,
     flow_run_id: str | None = None,
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
-) -> tuple[str, Plan, Tally]:
-    """Enter the run in the ledger (its id is the flow run's when there is one) and plan it."""
+) -> tuple[str, Plan, Committer]:
+    """Enter the run in the ledger (its id is the flow run's when there is one), plan it, and
+    make the committer that ends it. A run with nothing to read (most scheduled runs) keeps
+    its planning connection for its end: opening DuckDB again would cost ~30 ms, and its
+    close a checkpoint, for the one ledger update."""
     ledger = LedgerEntry(flow_run_id or str(uuid.uuid4()), datetime.now(UTC), flow_run_id)
     started = time.monotonic()
-    the_plan = prepare(processor, data_dir, db, ledger)
+    check_data_dir(data_dir)
+    held: tuple[duckdb.DuckDBPyConnection, ExitStack] | None = None
+    with ExitStack() as stack:
+        con = stack.enter_context(connect(db))
+        the_plan = _prepare(con, processor, data_dir, ledger)
+        if not the_plan.candidates:
+            held = con, stack.pop_all()  # the committer closes it
     tally = Tally.start(processor, the_plan, logger)
     tally.started, tally.started_at = started, ledger.started_at
-    return ledger.run_id, the_plan, tally
+    return ledger.run_id, the_plan, Committer(db, processor, max_attempts, tally, held)
 
 
 def finish(db: Path, run_id: str, figures: RunFigures | None, status: str = "completed") -> None:
@@ -298,9 +345,8 @@ def run_direct(
     from flows.work import process_batch
 
     deadline = deadline_for(time_budget_seconds)
-    run_id, the_plan, tally = begin(processor, data_dir, db)
+    run_id, the_plan, committer = begin(processor, data_dir, db, max_attempts)
     try:
-        committer = Committer(db, processor, max_attempts, tally)
         for number, batch in enumerate(batches(the_plan.candidates)):
             if number and deadline is not None and time.time() >= deadline:
                 break
@@ -315,5 +361,5 @@ def run_direct(
             )
         return committer.close(run_id, len(the_plan.candidates))
     except BaseException:
-        finish(db, run_id, None, status="failed")
+        committer.abort(run_id)
         raise

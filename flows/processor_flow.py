@@ -26,7 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from flows.names import flow_attribute, flow_name, limit_name
-from flows.pipeline import Committer, batches, begin, deadline_for, finish
+from flows.pipeline import Committer, batches, begin, deadline_for
 from flows.work import Emit, describe, process_batch
 from processors import registry
 from processors.base import Processor
@@ -176,13 +176,14 @@ def run_processor(
             )
         except TimeoutError:
             raise ProcessorBusyError(f"Processor '{processor_name}' is already running") from None
-        run_id, the_plan, tally = begin(processor, data_path, db_path, flow_run.get_id(), logger)
+        run_id, the_plan, committer = begin(
+            processor, data_path, db_path, attempts, flow_run.get_id(), logger
+        )
         try:
-            committer = Committer(db_path, processor, attempts, tally)
             _process(processor, the_plan.candidates, deadline, committer)
             figures = committer.close(run_id, len(the_plan.candidates))
         except BaseException:
-            finish(db_path, run_id, None, status="failed")
+            committer.abort(run_id)
             raise
         slot_held = stack.pop_all()
     try:

@@ -507,17 +507,17 @@ def _append(path: Path) -> None:
 def _after_planning(action: Callable[[], None]) -> Callable[[], None]:
     """Make `action` happen between the scan (in `prepare`) and the first read; returns the
     undo. The way tests/test_pipeline.py does it."""
-    original = pipeline.prepare
+    original = pipeline._prepare
 
     def prepare_then_act(*args: Any, **kwargs: Any) -> Any:
         the_plan = original(*args, **kwargs)
         action()
         return the_plan
 
-    pipeline.prepare = prepare_then_act  # type: ignore[assignment]
+    pipeline._prepare = prepare_then_act  # type: ignore[assignment]
 
     def undo() -> None:
-        pipeline.prepare = original  # type: ignore[assignment]
+        pipeline._prepare = original  # type: ignore[assignment]
 
     return undo
 

@@ -375,18 +375,18 @@ def test_files_vanishing_between_scan_and_read_fail_with_a_reason(data_dir: Path
     _two_sessions(data_dir)
     from flows import pipeline
 
-    original = pipeline.prepare
+    original = pipeline._prepare
 
     def prepare_then_delete(*args: Any, **kwargs: Any) -> Any:
         the_plan = original(*args, **kwargs)
         (data_dir / "bob/s2.jsonl").unlink()
         return the_plan
 
-    pipeline.prepare = prepare_then_delete  # type: ignore[assignment]
+    pipeline._prepare = prepare_then_delete  # type: ignore[assignment]
     try:
         figures = _run(Recorder(), data_dir, db)
     finally:
-        pipeline.prepare = original  # type: ignore[assignment]
+        pipeline._prepare = original  # type: ignore[assignment]
     assert (figures["processed"], figures["errors"]) == (1, 1)
     assert figures["errors_detail"][0]["error"].startswith("FileNotFoundError")
 
@@ -426,3 +426,30 @@ def test_commit_seconds_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("SESSION_PIPELINE_COMMIT_SECONDS", bad)
         with pytest.raises(ConfigError, match="SESSION_PIPELINE_COMMIT_SECONDS must be"):
             commit_seconds()
+
+
+def test_a_run_with_nothing_to_read_ends_on_its_planning_connection(
+    data_dir: Path, db: Path
+) -> None:
+    from flows.pipeline import begin
+
+    _two_sessions(data_dir)
+    run_id, the_plan, committer = begin(Recorder(), data_dir, db, max_attempts=5)
+    assert len(the_plan.candidates) == 2 and committer.held is None  # reading: let go
+    committer.abort(run_id)
+    run_direct(Recorder(), data_dir, db, max_attempts=5)
+    run_id, the_plan, committer = begin(Recorder(), data_dir, db, max_attempts=5)
+    assert not the_plan.candidates and committer.held is not None
+    figures = committer.close(run_id, 0)
+    assert committer.held is None and figures.skipped == 2
+    with connect(db) as con:  # closed for real: another connection gets the file
+        assert con.execute(
+            "SELECT status FROM processor_runs WHERE run_id = ?", [run_id]
+        ).fetchall() == [("completed",)]
+    run_id, _, committer = begin(Recorder(), data_dir, db, max_attempts=5)
+    committer.abort(run_id)  # a failed run lets go of it too
+    assert committer.held is None
+    with connect(db) as con:
+        assert con.execute(
+            "SELECT status FROM processor_runs WHERE run_id = ?", [run_id]
+        ).fetchall() == [("failed",)]
