@@ -174,10 +174,10 @@ class Tally:
         self, outcomes: Sequence[Outcome], quarantined: Sequence[str], max_attempts: int
     ) -> None:
         newly = set(quarantined)
-        self.attempted += len(outcomes)
+        # A segment of a big file is not a session read: the session counts with its last one.
+        self.attempted += sum(1 for o in outcomes if not o.partial)
         for o in outcomes:
-            if o.partial:  # a segment: the session counts once, with its last segment
-                self.attempted -= 1
+            if o.partial:
                 self.logger.info(
                     "session %s: committed its first %d bytes (a big file is read in segments)",
                     o.key,
