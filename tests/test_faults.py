@@ -180,13 +180,21 @@ def test_runs_killed_at_several_points_end_row_for_row_equal_to_a_clean_run(
 
 
 # A big file is read in segments, each committed with a state row saying how far the read got.
+# After its first segment is committed the run waits to be killed: racing a free-running read
+# let CI's faster machine finish all segments between two looks at the database.
 SEGMENTED_RUN = """
-import sys
+import sys, time
 from pathlib import Path
-from flows import work
+from flows import pipeline, work
 from flows.pipeline import run_direct
 from processors.usage import UsageProcessor
 work.SEGMENT_BYTES = 64 * 1024
+commit_now = pipeline.Committer.commit_now
+def commit_then_wait(self, outcome):
+    commit_now(self, outcome)
+    Path(sys.argv[3]).touch()
+    time.sleep(600)
+pipeline.Committer.commit_now = commit_then_wait
 run_direct(UsageProcessor(), Path(sys.argv[1]), Path(sys.argv[2]), max_attempts=5)
 """
 
@@ -209,13 +217,15 @@ def test_a_big_file_killed_between_segments_continues_where_it_stopped(
         "SELECT count(*) FROM session_processor_state "
         f"WHERE status = 'ok' AND complete_offset BETWEEN 1 AND {size // 2}"
     )
+    committed = tmp_path / "first-segment-committed"
     proc = subprocess.Popen(
-        [sys.executable, "-c", SEGMENTED_RUN, str(data_dir), str(db)],
+        [sys.executable, "-c", SEGMENTED_RUN, str(data_dir), str(db), str(committed)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for("a segment committed", lambda: (_peek(db, partial) or (0,))[0] == 1, 120, proc)
+        _wait_for("a segment committed", committed.exists, 120, proc)
+        assert _rows(db, partial) == [(1,)]
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         _kill(proc)
