@@ -257,10 +257,13 @@ def insert_json(con: duckdb.DuckDBPyConnection, table: Table, document: bytes) -
         return False
     try:
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(document)
+            view = memoryview(document)
+            while view:
+                view = view[os.write(fd, view) :]
         except OSError:
             return False
+        finally:
+            os.close(fd)
         con.execute(sql, [path])
         return True
     finally:

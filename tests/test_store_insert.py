@@ -154,3 +154,18 @@ def test_whatever_the_values_both_paths_store_the_same(rows: list[tuple[Any, ...
     lists, json = _both(_piece(rows))
     if json is not None:
         assert json == lists
+
+
+def test_without_a_writable_temporary_folder_rows_take_the_list_path(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    piece = _piece([("a/x", 1, 2, 0.5, True, None, None)])
+    con = duckdb.connect()
+    con.execute(TABLE.ddl)
+    document = json_rows(TABLE, piece)
+    assert document is not None and not insert_json(con, TABLE, document)
+    _insert_columns(con, TABLE, dict(zip(TABLE.column_names, piece, strict=True)))
+    assert con.execute("SELECT n, small, x, flag FROM t").fetchall() == [(1, 2, 0.5, True)]
