@@ -173,14 +173,20 @@ def _slices(columns: list[list[Any]]) -> Iterator[list[list[Any]]]:
         yield [column[start : start + STATEMENT_ROWS] for column in columns]
 
 
+# Below this many rows the list path is faster: the JSON path's temporary file and reader
+# cost ~4 ms more per statement, and boxing values only costs ~30 µs a row (22 columns).
+JSON_MIN_ROWS = 256
+
+
 def _insert_columns(con: duckdb.DuckDBPyConnection, table: Table, columns: Columns) -> None:
-    """Insert rows given column-wise, STATEMENT_ROWS at a time. Each piece goes to DuckDB as
-    one JSON document when its values allow it (`json_rows`), else as list parameters."""
+    """Insert rows given column-wise, STATEMENT_ROWS at a time. A piece of JSON_MIN_ROWS
+    rows or more goes to DuckDB as one JSON document when its values allow it
+    (`json_rows`), anything else as list parameters."""
     names = table.column_names
     if not columns[names[0]]:
         return
     for piece in _slices([columns[name] for name in names]):
-        document = json_rows(table, piece)
+        document = json_rows(table, piece) if len(piece[0]) >= JSON_MIN_ROWS else None
         if document is None or not insert_json(con, table, document):
             insert_lists(con, table, piece)
 

@@ -103,7 +103,15 @@ def test_a_table_with_a_type_json_does_not_read_takes_the_list_path() -> None:
     assert json is None and lists == [("a/x", ["one", "two"])]
 
 
-def test_more_rows_than_a_statement_holds_all_arrive() -> None:
+def test_more_rows_than_a_statement_holds_all_arrive_by_the_json_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from state import store
+
+    def no_lists(*_: Any) -> None:
+        raise AssertionError("these rows fit the JSON path")
+
+    monkeypatch.setattr(store, "insert_lists", no_lists)
     total = STATEMENT_ROWS * 2 + 7
     columns = {
         "session_file": [f"u/{i}" for i in range(total)],
