@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processors.base import Table
-from state.store import STATEMENT_ROWS, _insert_columns, insert_json, insert_lists, json_rows
+from state.store import (
+    JSON_MIN_ROWS,
+    STATEMENT_ROWS,
+    _insert_columns,
+    insert_json,
+    insert_lists,
+    json_rows,
+)
 
 TABLE = Table(
     "t",
@@ -112,7 +119,7 @@ def test_more_rows_than_a_statement_holds_all_arrive_by_the_json_path(
         raise AssertionError("these rows fit the JSON path")
 
     monkeypatch.setattr(store, "insert_lists", no_lists)
-    total = STATEMENT_ROWS * 2 + 7
+    total = STATEMENT_ROWS * 2 + JSON_MIN_ROWS
     columns = {
         "session_file": [f"u/{i}" for i in range(total)],
         "n": list(range(total)),
