@@ -8,6 +8,14 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run by default, so a gate (CI, a commit)
+# cannot fail on a draw it never saw before; `HYPOTHESIS_PROFILE=explore` draws new ones on
+# every run, to hunt for bugs.
+settings.register_profile("default", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = Path(__file__).resolve().parent / "plugins"
