@@ -321,32 +321,42 @@ def commit_batch(
     max_attempts: int,
 ) -> list[str]:
     """Apply one batch of outcomes atomically; return the keys quarantined by it."""
+    with transaction(con):
+        return apply_batch(con, processor, outcomes, max_attempts)
+
+
+def apply_batch(
+    con: duckdb.DuckDBPyConnection,
+    processor: Processor,
+    outcomes: Sequence[Outcome],
+    max_attempts: int,
+) -> list[str]:
+    """`commit_batch` inside a transaction the caller holds (so that more can join it)."""
     processed = [o for o in outcomes if o.status == "processed"]
     whole = [o for o in processed if not o.increment]
     increments = [o for o in processed if o.increment]
     unchanged = [o for o in outcomes if o.status == "unchanged"]
     failed = [o for o in outcomes if o.status == "failed"]
     quarantined: list[str] = []
-    with transaction(con):
-        if whole:
-            keys = [o.key for o in whole]
-            for table in processor.tables:
-                con.execute(
-                    f"DELETE FROM {table.name} WHERE session_file IN (SELECT UNNEST($1))", [keys]
-                )
-                _insert_columns(con, table, _take(whole, table))
-        for table in processor.tables if increments else ():
-            rows = _take(increments, table)
-            _delete_by_key(con, table, rows)
-            _insert_columns(con, table, rows)
-        if whole:
-            _upsert_read(con, processor, whole, "whole")
-        if increments:
-            _upsert_read(con, processor, increments, "increment")
-        if unchanged:
-            _upsert_read(con, processor, unchanged, "unchanged")
-        if failed:
-            quarantined = _record_failures(con, processor.name, failed, max_attempts)
+    if whole:
+        keys = [o.key for o in whole]
+        for table in processor.tables:
+            con.execute(
+                f"DELETE FROM {table.name} WHERE session_file IN (SELECT UNNEST($1))", [keys]
+            )
+            _insert_columns(con, table, _take(whole, table))
+    for table in processor.tables if increments else ():
+        rows = _take(increments, table)
+        _delete_by_key(con, table, rows)
+        _insert_columns(con, table, rows)
+    if whole:
+        _upsert_read(con, processor, whole, "whole")
+    if increments:
+        _upsert_read(con, processor, increments, "increment")
+    if unchanged:
+        _upsert_read(con, processor, unchanged, "unchanged")
+    if failed:
+        quarantined = _record_failures(con, processor.name, failed, max_attempts)
     return quarantined
 
 
