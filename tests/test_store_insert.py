@@ -148,7 +148,9 @@ _rows = st.lists(
         st.text(min_size=1, max_size=10),
         st.one_of(st.none(), st.integers(min_value=-(2**64), max_value=2**64)),
         st.one_of(st.none(), st.integers(min_value=-(2**40), max_value=2**40)),
-        st.one_of(st.none(), st.floats(), st.integers(min_value=-(2**53), max_value=2**53)),
+        st.one_of(
+            st.none(), st.floats(), st.integers(min_value=-(2**53), max_value=2**53), st.booleans()
+        ),
         st.one_of(st.none(), st.booleans()),
         st.one_of(
             _text,
