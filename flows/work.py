@@ -130,27 +130,20 @@ def to_columns(tables: Sequence[Table], result: ProcessResult) -> dict[str, Colu
     for name, rows in result.rows.items():
         table = by_name[name]
         allowed = frozenset(table.column_names)
-        columns: Columns = {}
-        if isinstance(rows, ColumnRows):
-            given, length = rows.columns, len(rows)
-            if not given.keys() <= allowed:
-                extra = sorted(set(given) - allowed)
+        given = rows.columns if isinstance(rows, ColumnRows) else None
+        for keys in [given.keys()] if given is not None else (row.keys() for row in rows):
+            if not keys <= allowed:
+                extra = sorted(set(keys) - allowed)
                 raise RowError(f"{name} has no column(s) {', '.join(extra)}")
-            for column, sql_type, exact in _checks(table):
-                values = given[column] if column in given else [None] * length
-                if exact is None or not set(map(type, values)) <= exact:
-                    values = _column(values, sql_type, name, column)
-                columns[column] = values
-        else:
-            for row in rows:
-                if not row.keys() <= allowed:
-                    extra = sorted(set(row) - allowed)
-                    raise RowError(f"{name} has no column(s) {', '.join(extra)}")
-            for column, sql_type, exact in _checks(table):
+        columns: Columns = {}
+        for column, sql_type, exact in _checks(table):
+            if given is None:
                 values = [row.get(column) for row in rows]
-                if exact is None or not set(map(type, values)) <= exact:
-                    values = _column(values, sql_type, name, column)
-                columns[column] = values
+            else:
+                values = given[column] if column in given else [None] * len(rows)
+            if exact is None or not set(map(type, values)) <= exact:
+                values = _column(values, sql_type, name, column)
+            columns[column] = values
         out[name] = columns
     return out
 
