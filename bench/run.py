@@ -184,11 +184,12 @@ def prepare(processor: Any, data_dir: Path, db: Path) -> Any:
     return prepare_run(processor, data_dir, db)
 
 
-def direct(data_dir: Path, db: Path) -> tuple[float, dict[str, Any]]:
+def direct(data_dir: Path, db: Path, processor: Any | None = None) -> tuple[float, dict[str, Any]]:
+    """`run_direct` timed, with usage unless another processor is given."""
     from flows.pipeline import run_direct
 
     started = time.perf_counter()
-    figures = run_direct(usage(), data_dir, db, max_attempts=MAX_ATTEMPTS)
+    figures = run_direct(processor or usage(), data_dir, db, max_attempts=MAX_ATTEMPTS)
     return time.perf_counter() - started, figures.as_dict()
 
 
@@ -218,11 +219,7 @@ class ParseOnly:
 
 
 def direct_parse_only(data_dir: Path, db: Path) -> tuple[float, dict[str, Any]]:
-    from flows.pipeline import run_direct
-
-    started = time.perf_counter()
-    figures = run_direct(ParseOnly(), data_dir, db, max_attempts=MAX_ATTEMPTS)
-    return time.perf_counter() - started, figures.as_dict()
+    return direct(data_dir, db, ParseOnly())
 
 
 def flow(data_dir: Path, db: Path) -> tuple[float, dict[str, Any]]:
