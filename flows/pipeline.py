@@ -275,22 +275,23 @@ class Committer:
         # The last outcomes and the ledger's end in one transaction: each commit is a WAL
         # fsync (10 to 25 ms here), a good part of a small run.
         with self.lock, self._connection() as con, transaction(con):
-            if self.pending:
-                outcomes, self.pending, self.rows = self.pending, [], 0
-                quarantined = store.apply_batch(con, self.processor, outcomes, self.max_attempts)
-                self.tally.add(outcomes, quarantined, self.max_attempts)
+            self._apply_pending(con)
             figures = self.tally.finish(candidates)
             store.finish_run(con, run_id, figures, finished_at=datetime.now(UTC))
         return figures
 
     def flush(self) -> None:
-        outcomes, self.pending, self.rows = self.pending, [], 0
         self.since = time.monotonic()
-        if not outcomes:
-            return
-        with self._connection() as con:
-            quarantined = store.commit_batch(con, self.processor, outcomes, self.max_attempts)
-        self.tally.add(outcomes, quarantined, self.max_attempts)
+        if self.pending:
+            with self._connection() as con, transaction(con):
+                self._apply_pending(con)
+
+    def _apply_pending(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Apply the pending outcomes in the caller's transaction and count them."""
+        outcomes, self.pending, self.rows = self.pending, [], 0
+        if outcomes:
+            quarantined = store.apply_batch(con, self.processor, outcomes, self.max_attempts)
+            self.tally.add(outcomes, quarantined, self.max_attempts)
 
 
 @dataclass(frozen=True)

@@ -223,8 +223,10 @@ def process_candidate(
                     return Outcome(candidate.key, "unchanged", read_at, size, mtime_ns, digest)
                 f.seek(0)
             if is_append_safe(processor):
-                reader = _Segments(processor, candidate, f, size, mtime_ns, read_at)
-                return reader.read(emit, deadline)
+                reader = cast(AppendSafe, processor)
+                return _read_append_safe(
+                    reader, candidate, f, size, mtime_ns, read_at, emit, deadline
+                )
             session = _session(candidate, f, size)
             result = processor.process(session)
             digest = session.finish()
@@ -269,73 +271,65 @@ def _session(
     )
 
 
-class _Segments:
+def _read_append_safe(
+    processor: AppendSafe,
+    candidate: Candidate,
+    f: IO[bytes],
+    size: int,
+    mtime_ns: int,
+    read_at: datetime,
+    emit: Emit | None,
+    deadline: float | None,
+) -> Outcome:
     """An append-safe processor's read of one file: from the stored checkpoint when the file
-    only grew since, else from the start; in segments when the caller commits them."""
-
-    def __init__(
-        self,
-        processor: Processor,
-        candidate: Candidate,
-        f: IO[bytes],
-        size: int,
-        mtime_ns: int,
-        read_at: datetime,
-    ) -> None:
-        self.processor = cast(AppendSafe, processor)
-        self.tables = processor.tables
-        self.candidate, self.f, self.size, self.mtime_ns = candidate, f, size, mtime_ns
-        self.read_at = read_at
-
-    def read(self, emit: Emit | None, deadline: float | None = None) -> Outcome:
-        candidate, f, size = self.candidate, self.f, self.size
-        hasher = _resume(f, size, candidate)
-        resumed = hasher is not None
-        start = (candidate.resume_offset or 0) if resumed else 0
-        checkpoint = unpack_checkpoint(candidate.checkpoint) if resumed else None
-        segment = SEGMENT_BYTES if emit is not None else size
-        while True:
-            end = min(size, start + segment)
-            f.seek(start)
-            session = _session(candidate, f, end, start, hasher)
-            try:
-                increment = self.processor.process_increment(session, checkpoint)
-            except WholeReadNeeded:
-                if checkpoint is None:
-                    raise
-                # The checkpoint keeps too little for these lines: read the file whole, in
-                # one read (in segments the same entry could be dropped again).
-                log.debug("%s: %s reads the file whole", candidate.key, self.processor.name)
-                start, checkpoint, hasher, resumed, segment = 0, None, None, False, size
-                continue
-            digest = session.finish()
-            if end < size and session.complete_offset == start:
-                segment *= 2  # not one whole line in the segment: a line longer than it
-                continue
-            final = end == size
-            outcome = Outcome(
-                candidate.key,
-                "processed",
-                self.read_at,
-                size if final else session.complete_offset,
-                self.mtime_ns,
-                digest if final else session.complete_hash,
-                columns=to_columns(self.tables, ProcessResult(increment.rows, increment.items)),
-                increment=resumed,
-                checkpoint=pack_checkpoint(increment.checkpoint),
-                complete_offset=session.complete_offset,
-                complete_hash=session.complete_hash,
-                items=int(increment.items),
-                malformed_lines=session.malformed_lines,
-                partial=not final,
-            )
-            if final or emit is None or (deadline is not None and time.time() >= deadline):
-                return outcome
-            checkpoint = increment.checkpoint
-            del increment  # the segment's rows: freed once committed
-            emit(outcome)
-            del outcome
-            start, hasher, resumed = session.complete_offset, session._hasher, True
+    only grew since, else from the start; in segments when the caller commits them (`emit`)."""
+    hasher = _resume(f, size, candidate)
+    resumed = hasher is not None
+    start = (candidate.resume_offset or 0) if resumed else 0
+    checkpoint = unpack_checkpoint(candidate.checkpoint) if resumed else None
+    segment = SEGMENT_BYTES if emit is not None else size
+    while True:
+        end = min(size, start + segment)
+        f.seek(start)
+        session = _session(candidate, f, end, start, hasher)
+        try:
+            increment = processor.process_increment(session, checkpoint)
+        except WholeReadNeeded:
+            if checkpoint is None:
+                raise
+            # The checkpoint keeps too little for these lines: read the file whole, in one
+            # read (in segments the same entry could be dropped again).
+            log.debug("%s: %s reads the file whole", candidate.key, processor.name)
+            start, checkpoint, hasher, resumed, segment = 0, None, None, False, size
+            continue
+        digest = session.finish()
+        if end < size and session.complete_offset == start:
+            segment *= 2  # not one whole line in the segment: a line longer than it
+            continue
+        final = end == size
+        outcome = Outcome(
+            candidate.key,
+            "processed",
+            read_at,
+            size if final else session.complete_offset,
+            mtime_ns,
+            digest if final else session.complete_hash,
+            columns=to_columns(processor.tables, ProcessResult(increment.rows, increment.items)),
+            increment=resumed,
+            checkpoint=pack_checkpoint(increment.checkpoint),
+            complete_offset=session.complete_offset,
+            complete_hash=session.complete_hash,
+            items=int(increment.items),
+            malformed_lines=session.malformed_lines,
+            partial=not final,
+        )
+        if final or emit is None or (deadline is not None and time.time() >= deadline):
+            return outcome
+        checkpoint = increment.checkpoint
+        del increment  # the segment's rows: freed once committed
+        emit(outcome)
+        del outcome
+        start, hasher, resumed = session.complete_offset, session.complete_hasher(), True
 
 
 def process_batch(

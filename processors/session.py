@@ -171,6 +171,11 @@ class Session:
             whole.update(piece)
         return str(whole.hexdigest())
 
+    def complete_hasher(self) -> Any:
+        """After `finish()`: a hasher over the bytes up to `complete_offset`, to continue
+        from there (the next segment of a read hashes on where this one stopped)."""
+        return self._hasher.copy()
+
     @classmethod
     @contextmanager
     def open(

@@ -314,24 +314,15 @@ def _take(outcomes: Sequence[Outcome], table: Table) -> Columns:
     return merged
 
 
-def commit_batch(
-    con: duckdb.DuckDBPyConnection,
-    processor: Processor,
-    outcomes: Sequence[Outcome],
-    max_attempts: int,
-) -> list[str]:
-    """Apply one batch of outcomes atomically; return the keys quarantined by it."""
-    with transaction(con):
-        return apply_batch(con, processor, outcomes, max_attempts)
-
-
 def apply_batch(
     con: duckdb.DuckDBPyConnection,
     processor: Processor,
     outcomes: Sequence[Outcome],
     max_attempts: int,
 ) -> list[str]:
-    """`commit_batch` inside a transaction the caller holds (so that more can join it)."""
+    """Apply a batch of outcomes inside the caller's transaction (a session's rows and its
+    state row must commit together; the run's end may join them); return the keys
+    quarantined by it."""
     processed = [o for o in outcomes if o.status == "processed"]
     whole = [o for o in processed if not o.increment]
     increments = [o for o in processed if o.increment]

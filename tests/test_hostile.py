@@ -33,7 +33,7 @@ from processors.redact import MARKER, redact
 from processors.session import FileChangedError, Session, SessionIdentity
 from processors.usage import UsageProcessor
 from state import store
-from state.db import connect
+from state.db import connect, transaction
 from state.migrations import migrate
 from tests.conftest import EXAMPLES, user_line, write_session
 
@@ -273,7 +273,8 @@ def _commit(
         columns=columns,
         items=items,
     )
-    store.commit_batch(con, UsageProcessor(), [outcome], 5)
+    with transaction(con):
+        store.apply_batch(con, UsageProcessor(), [outcome], 5)
 
 
 @settings(

@@ -326,7 +326,8 @@ def test_rows_that_do_not_fit_fail_that_session_only(data_dir: Path, db: Path) -
 
 def test_a_failed_commit_leaves_the_old_rows(data_dir: Path, db: Path) -> None:
     """Delete and insert are one transaction: a failing insert rolls the delete back."""
-    from state.store import Outcome, commit_batch
+    from state.db import transaction
+    from state.store import Outcome, apply_batch
 
     _two_sessions(data_dir)
     _run(Recorder(), data_dir, db)
@@ -339,8 +340,8 @@ def test_a_failed_commit_leaves_the_old_rows(data_dir: Path, db: Path) -> None:
         "h",
         columns={"recorder_rows": {"session_file": [None], "line_no": [1], "text": ["x"]}},
     )
-    with connect(db) as con, pytest.raises(duckdb.ConstraintException):
-        commit_batch(con, Recorder(), [bad], 5)
+    with connect(db) as con, pytest.raises(duckdb.ConstraintException), transaction(con):
+        apply_batch(con, Recorder(), [bad], 5)
     assert _rows(
         db, "SELECT count(*) FROM recorder_rows WHERE session_file = 'alice/s1.jsonl'"
     ) == [(2,)]
