@@ -129,7 +129,7 @@ def _read_ledger(db: Path, flow_run_ids: Iterable[str]) -> list[LedgerRow]:
             row[0]
             for row in con.execute(
                 "SELECT column_name FROM information_schema.columns "
-                "WHERE table_name = 'processor_runs'"
+                "WHERE table_catalog = current_database() AND table_name = 'processor_runs'"
             ).fetchall()
         }
         if not {"status", "host", "pid"} <= columns:

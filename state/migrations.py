@@ -57,7 +57,7 @@ def _import_extraction_state(con: duckdb.DuckDBPyConnection) -> None:
     """
     found = con.execute(
         "SELECT count(*) FROM information_schema.tables "
-        "WHERE table_name = 'session_extraction_state'"
+        "WHERE table_catalog = current_database() AND table_name = 'session_extraction_state'"
     ).fetchone()
     if not found or not found[0]:
         return
@@ -65,7 +65,7 @@ def _import_extraction_state(con: duckdb.DuckDBPyConnection) -> None:
         row[0]
         for row in con.execute(
             "SELECT column_name FROM information_schema.columns "
-            "WHERE table_name = 'session_extraction_state'"
+            "WHERE table_catalog = current_database() AND table_name = 'session_extraction_state'"
         ).fetchall()
     }
     if "session_file" not in old_columns:

@@ -101,11 +101,31 @@ def _tables(db: Path, names: tuple[str, ...], processor: str) -> dict[str, list[
 # kill -9 ------------------------------------------------------------------------------------
 
 # 172 sessions, plus a subagent transcript for one in six of them: 201 files, so two per
-# batch and 101 commits (each opens DuckDB: that, not reading, is most of a run's time).
+# batch and 101 commits.
 CORPUS = 172
-# Where to kill, in session files committed (cumulative across runs): as soon as the run is in
-# the ledger (before or at its first commit), then about a third and two thirds of the way.
+# Where to kill, in session files committed (cumulative across runs): at the run's first commit,
+# then about a third and two thirds of the way.
 KILL_AT = (0, CORPUS // 3, 2 * CORPUS // 3)
+
+# The CLI, waiting to be killed once it has committed at least argv[1] more session files
+# (marker file argv[2] says so): racing a free-running run let it finish between two looks at
+# the database once commits got cheap.
+PAUSING_CLI = """
+import sys, time
+from pathlib import Path
+from flows import pipeline
+from flows.cli import main
+flush, left, marker = pipeline.Committer.flush, int(sys.argv[1]), Path(sys.argv[2])
+def flush_then_wait(self):
+    global left
+    left -= sum(1 for o in self.pending if not o.partial)
+    flush(self)
+    if left <= 0:
+        marker.touch()
+        time.sleep(600)
+pipeline.Committer.flush = flush_then_wait
+sys.exit(main(sys.argv[3:]))
+"""
 
 
 def _single_batch_run(data_dir: Path, db: Path) -> Any:
@@ -130,36 +150,30 @@ def test_runs_killed_at_several_points_end_row_for_row_equal_to_a_clean_run(
     assert clean.processed == total > CORPUS and clean.errors == 0
     args = ["run", "usage", "--json", "--data-dir", str(data_dir), "--db", str(db)]
     env = subprocess_env(prefect_api, SESSION_PIPELINE_COMMIT_SECONDS="0")  # commit every task
+    marker = tmp_path / "paused"
     committed_at_kill = []
     with PrefectAPI(prefect_api) as api:
         for target in KILL_AT:
-            runs_before = (_peek(db, "SELECT count(*) FROM processor_runs") or (0,))[0]
+            before = (_peek(db, "SELECT count(*) FROM session_processor_state") or (0,))[0]
+            marker.unlink(missing_ok=True)
             with (tmp_path / "killed.log").open("ab") as log:
-                proc = subprocess.Popen([EXE, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                _wait_for(
-                    f"ledger row and {target} sessions committed",
-                    lambda target=target, runs_before=runs_before: (
-                        _peek(
-                            db,
-                            "SELECT (SELECT count(*) FROM processor_runs) > "
-                            f"{runs_before} AND (SELECT count(*) FROM session_processor_state) "
-                            f">= {target}",
-                        )
-                        or (False,)
-                    )[0],
-                    120,
-                    proc,
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", PAUSING_CLI, str(target - before), str(marker), *args],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                 )
+            try:
+                _wait_for("the run to pause after a commit", marker.exists, 120, proc)
                 os.kill(proc.pid, signal.SIGKILL)
             finally:
                 _kill(proc)
+            # The documented recovery: the zombie is crashed and its leaked slot freed.
+            report = doctor(db, api)
             assert proc.returncode == -signal.SIGKILL
             (committed,) = _rows(db, "SELECT count(*) FROM session_processor_state")[0]
             assert target <= committed < total, "the kill did not land mid-run"
             committed_at_kill.append(committed)
-            # The documented recovery: the zombie is crashed and its leaked slot freed.
-            report = doctor(db, api)
             assert len(report.crashed) == 1 and report.slots_reset == [limit_name("usage")]
             assert not report.errors, report.lines()
         final = subprocess.run([EXE, *args], env=env, capture_output=True, text=True, timeout=180)
