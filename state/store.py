@@ -12,6 +12,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -246,9 +247,9 @@ def _finite_sum(values: list[Any]) -> bool:
 
 
 def insert_json(con: duckdb.DuckDBPyConnection, table: Table, document: bytes) -> bool:
-    """Insert a `json_rows` document: written to a temporary file that DuckDB's JSON reader
-    parses in C++, ~3x faster than handing over the same values as list parameters. False,
-    with nothing inserted, when the temporary file cannot be written (a full disk)."""
+    """Insert a `json_rows` document, which DuckDB's JSON reader parses in C++, ~3x faster than
+    handing over the same values as list parameters. False, with nothing inserted, when the
+    document cannot be written where DuckDB can read it (a full disk)."""
     types = table.value_types
     reads = ", ".join(f"'c{i}': '{_JSON_READ_AS[t.upper()]}[]'" for i, t in enumerate(types, 1))
     select = ", ".join(f"TRY_CAST(UNNEST(c{i}) AS {t})" for i, t in enumerate(types, 1))
@@ -257,23 +258,42 @@ def insert_json(con: duckdb.DuckDBPyConnection, table: Table, document: bytes) -
         f"FROM read_json($1, columns = {{{reads}}}, format = 'unstructured', "
         f"maximum_object_size = {len(document) + 1})"
     )
+    with readable(document) as path:
+        if path is None:
+            return False
+        con.execute(sql, [path])
+        return True
+
+
+@contextmanager
+def readable(document: bytes) -> Iterator[str | None]:
+    """A path this process's DuckDB can read `document` from, or None if it cannot be written.
+    On Linux an anonymous in-memory file (memfd), which a killed process cannot leave behind;
+    elsewhere a temporary file, removed afterwards."""
+    remove: str | None = None
     try:
-        fd, path = tempfile.mkstemp(prefix="session-pipeline-rows-", suffix=".json")
-    except OSError:
-        return False
+        fd = os.memfd_create("session-pipeline-rows", os.MFD_CLOEXEC)
+        path = f"/proc/self/fd/{fd}"
+    except (AttributeError, OSError):  # not Linux, or no memory file to be had
+        try:
+            fd, path = tempfile.mkstemp(prefix="session-pipeline-rows-", suffix=".json")
+        except OSError:
+            yield None
+            return
+        remove = path
     try:
         try:
             view = memoryview(document)
             while view:
                 view = view[os.write(fd, view) :]
         except OSError:
-            return False
-        finally:
-            os.close(fd)
-        con.execute(sql, [path])
-        return True
+            yield None
+            return
+        yield path
     finally:
-        os.unlink(path)
+        os.close(fd)
+        if remove is not None:
+            os.unlink(remove)
 
 
 def _delete_by_key(con: duckdb.DuckDBPyConnection, table: Table, rows: Columns) -> None:

@@ -173,11 +173,16 @@ def test_whatever_the_values_both_paths_store_the_same(rows: list[tuple[Any, ...
         assert json == lists
 
 
-def test_without_a_writable_temporary_folder_rows_take_the_list_path(
+def test_without_a_memory_file_or_a_writable_temporary_folder_rows_take_the_list_path(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import os
     import tempfile
 
+    def no_memory_file(name: str, flags: int = 0) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "memfd_create", no_memory_file, raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
     piece = _piece([("a/x", 1, 2, 0.5, True, None, None)])
     con = duckdb.connect()
@@ -186,3 +191,36 @@ def test_without_a_writable_temporary_folder_rows_take_the_list_path(
     assert document is not None and not insert_json(con, TABLE, document)
     _insert_columns(con, TABLE, dict(zip(TABLE.column_names, piece, strict=True)))
     assert con.execute("SELECT n, small, x, flag FROM t").fetchall() == [(1, 2, 0.5, True)]
+
+
+def test_without_a_memory_file_the_document_goes_through_a_temporary_file_left_nowhere(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import tempfile
+
+    monkeypatch.delattr(os, "memfd_create", raising=False)  # as on macOS
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    piece = _piece([("a/x", 1, 2, 0.5, True, None, None)] * 300)
+    con = duckdb.connect()
+    con.execute(TABLE.ddl)
+    document = json_rows(TABLE, piece)
+    assert document is not None and insert_json(con, TABLE, document)
+    assert con.execute("SELECT count(*), sum(n) FROM t").fetchone() == (300, 300)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "memfd_create"), reason="Linux only")
+def test_the_document_never_touches_the_temporary_folder_on_linux(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed while DuckDB reads the document cannot leave a file behind."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # would fail if used
+    piece = _piece([("a/x", 1, 2, 0.5, True, None, None)] * 300)
+    con = duckdb.connect()
+    con.execute(TABLE.ddl)
+    document = json_rows(TABLE, piece)
+    assert document is not None and insert_json(con, TABLE, document)
+    assert con.execute("SELECT count(*) FROM t").fetchone() == (300,)
