@@ -246,8 +246,8 @@ def check(figures: dict[str, Any], *, processed: int | None = None, scanned: int
 def breakdown(call: Callable[[], Any]) -> str:
     """Where a `run_direct` spends its time, without a profiler's distortion (cProfile
     inflates call-heavy Python several times over): the pipeline's steps are wrapped with
-    timers for one call, then restored. Shares of the call's wall time; `commit` includes
-    its DuckDB open and close, which are also shown on their own."""
+    timers for one call, then restored. Shares of the call's wall time; `plan` and `commit`
+    include their DuckDB attach and detach, which are also shown on their own."""
     import flows.pipeline as pipeline
     import flows.work as work
 
@@ -275,22 +275,24 @@ def breakdown(call: Callable[[], Any]) -> str:
             started = time.perf_counter()
             manager = original(*args, **kwargs)
             con = manager.__enter__()
-            spent["db open"] = spent.get("db open", 0.0) + time.perf_counter() - started
+            spent["db attach"] = spent.get("db attach", 0.0) + time.perf_counter() - started
             try:
                 yield con
             finally:
                 started = time.perf_counter()
                 manager.__exit__(None, None, None)
-                spent["db close"] = spent.get("db close", 0.0) + time.perf_counter() - started
+                spent["db detach"] = spent.get("db detach", 0.0) + time.perf_counter() - started
 
         return connect
 
     processor_class = type(usage())
     method = "process_increment" if hasattr(processor_class, "process_increment") else "process"
+    timed(pipeline, "begin", "plan")
+    timed(work, "_resume", "prefix check")
     timed(processor_class, method, "processor")
     timed(work, "to_columns", "to_columns")
-    timed(pipeline, "prepare", "prepare")
-    timed(pipeline, "commit", "commit")
+    timed(pipeline.Committer, "flush", "commit")
+    timed(pipeline.Committer, "close", "commit")
     originals.append((pipeline, "connect", pipeline.connect))
     pipeline.connect = timed_connect(pipeline.connect)
     started = time.perf_counter()
@@ -657,9 +659,10 @@ class Bench:
             "are handed to the processor)",
             f"a run with nothing changed on the same DB takes {fmt_s(med(floor_t))}: a run's "
             f"fixed cost alone caps this ratio at {med(per_round(whole_t, floor_t)):.1f}×",
-            f"lower bound of any run that verifies the prefix: opening and closing the state DB "
-            f"once ({opened * 1000:.0f} ms) plus reading and hashing the {size / MB:g} MB prefix "
-            f"once with sha256, as the append check does ({sha * 1000:.0f} ms) = "
+            f"lower bound of any run that verifies the prefix: attaching and detaching the "
+            f"state DB once ({opened * 1000:.0f} ms) plus reading and hashing the "
+            f"{size / MB:g} MB prefix once with sha256, as the append check does "
+            f"({sha * 1000:.0f} ms) = "
             f"{(opened + sha) * 1000:.0f} ms, or {(opened + crc) * 1000:.0f} ms with zlib.crc32 "
             f"({crc * 1000:.0f} ms), against the {med(whole_t) / 50 * 1000:.0f} ms that 50× needs",
         ]
@@ -689,7 +692,7 @@ class Bench:
         ]
 
     def append_floor(self, db: Path, session: Path) -> tuple[float, float, float]:
-        """Medians of opening and closing the state DB, and of reading a file once into one
+        """Medians of attaching and detaching the state DB, and of reading a file once into one
         reused buffer while hashing it with sha256 (what the append check uses) and with
         zlib.crc32 (the fastest hash in the standard library): what a verified append run
         cannot do without."""

@@ -606,10 +606,15 @@ def test_a_file_gone_or_unreadable_between_scan_and_read_fails_with_a_reason(
     )
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod-000 file anyway")
 def test_a_file_made_unreadable_between_scan_and_read_fails_with_a_reason(
-    data_dir: Path, db: Path
+    data_dir: Path, db: Path, tmp_path: Path
 ) -> None:
+    if _reads_any_file(tmp_path):  # root: the same test, without the power to
+        _without_root_file_access(
+            "tests/test_faults.py::"
+            "test_a_file_made_unreadable_between_scan_and_read_fails_with_a_reason"
+        )
+        return
     paths, old = _stored(data_dir, db)
     undo = _after_planning(lambda: paths["b"].chmod(0))
     try:
@@ -620,6 +625,47 @@ def test_a_file_made_unreadable_between_scan_and_read_fails_with_a_reason(
     assert (figures.processed, figures.errors) == (2, 1)
     assert figures.errors_detail[0]["error"].startswith("PermissionError")
     assert _usage_rows(db, "alice/b.jsonl") == old["b"]
+
+
+def _reads_any_file(folder: Path) -> bool:
+    """Whether this process can read a chmod-000 file (root, unless it lost that power)."""
+    probe = folder / "chmod-000-probe"
+    probe.write_bytes(b"x")
+    probe.chmod(0)
+    try:
+        probe.read_bytes()
+        return True
+    except PermissionError:
+        return False
+    finally:
+        probe.unlink()
+
+
+def _without_root_file_access(test_id: str) -> None:
+    """Run one test in a pytest of its own, still as root but without the capabilities that
+    let root read any file (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH: dropped from the bounding
+    set before exec), and require that it passed."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
+
+    def drop_file_access() -> None:
+        for capability in (cap_dac_override, cap_dac_read_search):
+            if libc.prctl(pr_capbset_drop, capability, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_id],
+        cwd=Path(__file__).resolve().parent.parent,
+        preexec_fn=drop_file_access,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0 and "1 passed" in child.stdout, (
+        child.stdout[-3000:] + child.stderr[-2000:]
+    )
 
 
 def _lines_of(db: Path, key: str) -> int:
