@@ -9,9 +9,10 @@ passed, then fails with a clear message: nothing is written, nothing is lost.
 
 A new DuckDB instance builds its catalog of built-in functions (25 to 35 ms here, for
 `:memory:` too), which was most of a small run's cost when every unit of work opened one. So
-each process keeps one in-memory instance and ATTACHes the state file to it for a unit of work
-(about 3 ms) and DETACHes it afterwards, which checkpoints and releases the file lock exactly
-as closing a connection did. Units of work of one process that overlap share the attachment.
+each process keeps one in-memory instance and ATTACHes the state file to it for a unit of
+work (a few milliseconds) and DETACHes it afterwards, which checkpoints and releases the file
+lock exactly as closing a connection did. Units of work of one process that overlap share the
+attachment.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def connect(
         raise StateError(f"cannot create the folder for {path}: {error.strerror}") from None
     deadline = time.monotonic() + lock_timeout
     delay = 0.02
+    key = os.path.realpath(path)
     while True:
         try:
-            con = _ATTACHMENTS.take(path, read_only)
+            con = _ATTACHMENTS.take(key, path.stem, read_only)
             break
         except duckdb.Error as error:
             if not _is_lock_conflict(error):
@@ -82,7 +84,7 @@ def connect(
     try:
         yield con
     finally:
-        _ATTACHMENTS.give_back(path, con)
+        _ATTACHMENTS.give_back(key, con)
 
 
 class _WrongMode(Exception):
@@ -124,22 +126,22 @@ class _Attachments:
             self._instance = duckdb.connect(":memory:", config={"temp_directory": str(spill)})
         return self._instance
 
-    def _alias(self, path: Path) -> str:
+    def _alias(self, stem: str) -> str:
         """The file's stem, as a connection to the file would name it, unless it is taken."""
         taken = {a.alias for a in self._attached.values()} | self.RESERVED
-        alias = path.stem
+        alias = stem
         while alias.lower() in taken or not alias:
             self._numbers += 1
             alias = f"state_{self._numbers}"
         return alias
 
-    def take(self, path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
-        key = os.path.realpath(path)
+    def take(self, key: str, stem: str, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """A connection whose default database is the file at `key` (a real path)."""
         with self._lock:
             attached = self._attached.get(key)
             if attached is None:
                 base = self._base()
-                alias = self._alias(path)
+                alias = self._alias(stem)
                 mode = " (READ_ONLY)" if read_only else ""
                 base.execute(f"ATTACH {_literal(key)} AS {_identifier(alias)}{mode}")
                 attached = self._attached[key] = _Attached(alias, read_only)
@@ -155,8 +157,7 @@ class _Attachments:
             attached.users += 1
             return con
 
-    def give_back(self, path: Path, con: duckdb.DuckDBPyConnection) -> None:
-        key = os.path.realpath(path)
+    def give_back(self, key: str, con: duckdb.DuckDBPyConnection) -> None:
         with self._lock:
             con.close()
             attached = self._attached[key]
@@ -171,7 +172,8 @@ class _Attachments:
         try:
             self._base().execute(f"DETACH {_identifier(attached.alias)}")
         except BaseException:
-            # Whatever failed, the file must not stay locked by this process.
+            # Whatever failed (a checkpoint that could not be written), the file must not
+            # stay locked by this process: the instance goes, with whatever else it held.
             instance, self._instance, self._attached = self._instance, None, {}
             if instance is not None:
                 instance.close()
