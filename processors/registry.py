@@ -86,8 +86,8 @@ def entries() -> list[Entry]:
 
 def get(name: str) -> Processor:
     """The named processor, ready to run; otherwise UnknownProcessorError in the old wording.
-    Only that one is loaded: loading every processor (and checking its configuration) was
-    half of a small run's fixed cost."""
+    Only that one is loaded and has its configuration checked: a run of one processor neither
+    waits for nor depends on the others."""
     for ep in entry_points(group=GROUP, name=name):  # the first on sys.path wins, as above
         entry = _load(ep)
         if entry.processor is None or entry.problem:

@@ -55,6 +55,19 @@ def test_old_tables_are_adopted_and_imported_once(db: Path) -> None:
     ]
 
 
+def test_another_state_file_open_in_the_same_process_is_not_imported(tmp_path: Path) -> None:
+    """State files of one process share a DuckDB instance: the old table of one must not be
+    seen while migrating the other."""
+    old, fresh = tmp_path / "old.duckdb", tmp_path / "fresh.duckdb"
+    with connect(old) as con:
+        con.execute("CREATE TABLE session_extraction_state (session_file VARCHAR)")
+        con.execute("INSERT INTO session_extraction_state VALUES ('alice/a.jsonl')")
+        with connect(fresh) as other:
+            migrate(other)
+            assert other.execute("SELECT count(*) FROM session_processor_state").fetchone() == (0,)
+        assert con.execute("SELECT count(*) FROM session_extraction_state").fetchone() == (1,)
+
+
 def test_import_does_not_overwrite_existing_verification_rows(db: Path) -> None:
     with connect(db) as con:
         migrate(con)
