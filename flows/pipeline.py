@@ -73,15 +73,17 @@ def _prepare(
     ledger: LedgerEntry | None,
 ) -> Plan:
     migrate(con)
-    rebuilt = store.ensure_outputs(con, processor)
-    if ledger is not None:
-        store.start_run(
-            con,
-            ledger.run_id,
-            processor,
-            started_at=ledger.started_at,
-            flow_run_id=ledger.flow_run_id,
-        )
+    # Output tables and the ledger entry in one transaction: one WAL fsync, not two.
+    with transaction(con):
+        rebuilt = store.ensure_outputs(con, processor)
+        if ledger is not None:
+            store.start_run(
+                con,
+                ledger.run_id,
+                processor,
+                started_at=ledger.started_at,
+                flow_run_id=ledger.flow_run_id,
+            )
     try:
         return _plan(con, processor, data_dir, rebuilt)
     except BaseException:

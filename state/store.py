@@ -119,7 +119,7 @@ def load_checkpoints(
 
 
 def ensure_outputs(con: duckdb.DuckDBPyConnection, processor: Processor) -> list[str]:
-    """Create the processor's output tables and views.
+    """Create the processor's output tables and views, in the caller's transaction.
 
     A table whose DDL changed since it was created is dropped and recreated, and every state
     row of that processor is marked stale so the next run refills it: output rows always
@@ -127,35 +127,34 @@ def ensure_outputs(con: duckdb.DuckDBPyConnection, processor: Processor) -> list
     table names.
     """
     rebuilt: list[str] = []
-    with transaction(con):
-        for table in processor.tables:
-            row = con.execute(
-                "SELECT processor_name, ddl FROM processor_tables WHERE table_name = ?",
-                [table.name],
-            ).fetchone()
-            if row is not None and row[0] != processor.name:
-                raise duckdb.Error(
-                    f"table {table.name} belongs to processor {row[0]!r}, not {processor.name!r}"
-                )
-            if row is not None and row[1] == table.ddl:
-                continue
-            if row is not None:
-                con.execute(f"DROP TABLE IF EXISTS {table.name} CASCADE")
-                rebuilt.append(table.name)
-            con.execute(table.ddl)
-            con.execute(
-                "INSERT OR REPLACE INTO processor_tables (processor_name, table_name, ddl) "
-                "VALUES (?, ?, ?)",
-                [processor.name, table.name, table.ddl],
+    for table in processor.tables:
+        row = con.execute(
+            "SELECT processor_name, ddl FROM processor_tables WHERE table_name = ?",
+            [table.name],
+        ).fetchone()
+        if row is not None and row[0] != processor.name:
+            raise duckdb.Error(
+                f"table {table.name} belongs to processor {row[0]!r}, not {processor.name!r}"
             )
-        if rebuilt:
-            con.execute(
-                "UPDATE session_processor_state SET processor_version = '(schema changed)' "
-                "WHERE processor_name = ?",
-                [processor.name],
-            )
-        for view in processor.views:
-            con.execute(view)
+        if row is not None and row[1] == table.ddl:
+            continue
+        if row is not None:
+            con.execute(f"DROP TABLE IF EXISTS {table.name} CASCADE")
+            rebuilt.append(table.name)
+        con.execute(table.ddl)
+        con.execute(
+            "INSERT OR REPLACE INTO processor_tables (processor_name, table_name, ddl) "
+            "VALUES (?, ?, ?)",
+            [processor.name, table.name, table.ddl],
+        )
+    if rebuilt:
+        con.execute(
+            "UPDATE session_processor_state SET processor_version = '(schema changed)' "
+            "WHERE processor_name = ?",
+            [processor.name],
+        )
+    for view in processor.views:
+        con.execute(view)
     return rebuilt
 
 
