@@ -609,7 +609,7 @@ def test_a_file_gone_or_unreadable_between_scan_and_read_fails_with_a_reason(
 def test_a_file_made_unreadable_between_scan_and_read_fails_with_a_reason(
     data_dir: Path, db: Path, tmp_path: Path
 ) -> None:
-    if _reads_any_file(tmp_path):  # root: the same test, without the power to
+    if _reads_any_file(tmp_path):  # root reads it anyway: this test again, without that power
         _without_root_file_access(
             "tests/test_faults.py::"
             "test_a_file_made_unreadable_between_scan_and_read_fails_with_a_reason"
@@ -655,14 +655,17 @@ def _without_root_file_access(test_id: str) -> None:
             if libc.prctl(pr_capbset_drop, capability, 0, 0, 0) != 0:
                 raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
 
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_id],
-        cwd=Path(__file__).resolve().parent.parent,
-        preexec_fn=drop_file_access,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    try:
+        child = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_id],
+            cwd=Path(__file__).resolve().parent.parent,
+            preexec_fn=drop_file_access,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except subprocess.SubprocessError as error:  # no CAP_SETPCAP (a locked-down container)
+        pytest.skip(f"cannot drop root's power to read any file here: {error}")
     assert child.returncode == 0 and "1 passed" in child.stdout, (
         child.stdout[-3000:] + child.stderr[-2000:]
     )
