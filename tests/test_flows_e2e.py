@@ -62,10 +62,19 @@ def test_usage_flow_on_the_samples(prefect_api: str, tmp_path: Path, db: Path) -
         assert limit.limit == 1 and limit.active_slots == 0
         flow = client.read_flow(flow_run.flow_id)
         assert flow.name == "usage-processor"
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
-        )
-        assert {t.name for t in task_runs} == {f"usage-batch-{i}" for i in range(7)}
+        # The server records task runs from events, asynchronously: a task run can still show
+        # the name of its first state (`process-sessions-<n>`) for a moment after the flow
+        # returns, until its last state's event (which carries the rendered name) is recorded.
+        wanted = {f"usage-batch-{i}" for i in range(7)}
+        deadline = time.monotonic() + 30
+        while True:
+            task_runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+            )
+            if {t.name for t in task_runs} == wanted or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert {t.name for t in task_runs} == wanted
         # Untagged: a tagged task run waits on the API for tag concurrency slots.
         assert all(not t.tags for t in task_runs)
     # a second run finds nothing to do, and says so
