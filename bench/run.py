@@ -834,6 +834,8 @@ class Bench:
                 at, end = start, min(size, start + piece)
                 while at < end:
                     n = os.preadv(fd, [memoryview(buffer)[: min(len(buffer), end - at)]], at)
+                    if not n:
+                        raise RuntimeError(f"{session} shrank while being hashed")
                     hasher.update(memoryview(buffer)[:n])
                     at += n
             finally:
