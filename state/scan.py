@@ -67,22 +67,45 @@ def _dir_ok(entry: os.DirEntry[str], root_real: str) -> bool:
         return False
 
 
-def _walk(root: str) -> Iterator[tuple[str, str, os.stat_result]]:
-    """(key, path, stat) of every transcript under `root`."""
+def scan(data_dir: str | os.PathLike[str]) -> Iterator[FoundFile]:
+    """Yield every session file. A missing data dir yields nothing (all-zero figures)."""
+    found, _ = scan_changed(data_dir, frozenset())
+    yield from found
+
+
+def scan_changed(
+    data_dir: str | os.PathLike[str], known: AbstractSet[tuple[str, int, int]]
+) -> tuple[list[FoundFile], int]:
+    """The session files whose `(key, size, mtime_ns)` is not in `known`, and how many files
+    there are in all. Comparing while walking spares building an object for each of the
+    (usually) nearly all files that did not change."""
+    root = os.fspath(data_dir)
+    changed: list[FoundFile] = []
+    count = 0
     if not os.path.isdir(root):
-        return
+        return changed, count
     root_real = os.path.realpath(root)
     for user in _entries(root):
         if _dir_ok(user, root_real):
-            yield from _transcripts(user.path, f"{user.name}/", root_real, subagents=True)
+            count += _collect(user.path, f"{user.name}/", root_real, known, changed, subagents=True)
+    return changed, count
 
 
-def _transcripts(
-    path: str, prefix: str, root_real: str, *, subagents: bool
-) -> Iterator[tuple[str, str, os.stat_result]]:
-    """The regular `.jsonl` files in `path` (links only to inside the data dir), and with
-    `subagents` those in each `<session>/subagents/`. This loop runs for every file of every
-    scan, so the per-file checks are inline and cheapest first."""
+def _collect(
+    path: str,
+    prefix: str,
+    root_real: str,
+    known: AbstractSet[tuple[str, int, int]],
+    changed: list[FoundFile],
+    *,
+    subagents: bool,
+) -> int:
+    """Count the regular `.jsonl` files in `path` (links only to inside the data dir), and
+    with `subagents` those in each `<session>/subagents/`, adding to `changed` those not in
+    `known`. This loop runs for every file of every scan (figure 1 in docs/benchmarks.md), so
+    the per-file checks are inline and cheapest first, and no generator stands between a
+    directory entry and its comparison."""
+    count = 0
     for entry in _entries(path):
         name = entry.name
         if name.endswith(".jsonl") and (name.isascii() or _utf8(name)):
@@ -93,32 +116,16 @@ def _transcripts(
             except OSError:
                 continue
             if S_ISREG(st.st_mode):
-                yield prefix + name, entry.path, st
+                count += 1
+                key, size, mtime_ns = prefix + name, st.st_size, st.st_mtime_ns
+                if (key, size, mtime_ns) not in known:
+                    changed.append(FoundFile(key, entry.path, size, mtime_ns))
                 continue
         if subagents and _dir_ok(entry, root_real):
             below = os.path.join(entry.path, "subagents")
             if os.path.islink(below) and not _inside(root_real, below):
                 continue
-            yield from _transcripts(below, f"{prefix}{name}/subagents/", root_real, subagents=False)
-
-
-def scan(data_dir: str | os.PathLike[str]) -> Iterator[FoundFile]:
-    """Yield every session file. A missing data dir yields nothing (all-zero figures)."""
-    for key, path, st in _walk(os.fspath(data_dir)):
-        yield FoundFile(key, path, st.st_size, st.st_mtime_ns)
-
-
-def scan_changed(
-    data_dir: str | os.PathLike[str], known: AbstractSet[tuple[str, int, int]]
-) -> tuple[list[FoundFile], int]:
-    """The session files whose `(key, size, mtime_ns)` is not in `known`, and how many files
-    there are in all. Comparing while walking spares building an object for each of the
-    (usually) nearly all files that did not change."""
-    changed: list[FoundFile] = []
-    count = 0
-    for key, path, st in _walk(os.fspath(data_dir)):
-        count += 1
-        size, mtime_ns = st.st_size, st.st_mtime_ns
-        if (key, size, mtime_ns) not in known:
-            changed.append(FoundFile(key, path, size, mtime_ns))
-    return changed, count
+            count += _collect(
+                below, f"{prefix}{name}/subagents/", root_real, known, changed, subagents=False
+            )
+    return count
