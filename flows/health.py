@@ -116,7 +116,7 @@ def assess(
 def health(entries: Sequence[Entry], data_dir: Path, db: Path) -> dict[str, Any]:
     """The whole report: overall status (the worst processor's) and one entry each."""
     now = time.time()
-    found = list(scan(data_dir))
+    found = scan(data_dir)
     settled: dict[str, set[tuple[str, int, int]]] = {}
     states: dict[str, dict[str, Any]] = {}
     with connect(db) as con:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from stat import S_ISREG
@@ -67,10 +66,9 @@ def _dir_ok(entry: os.DirEntry[str], root_real: str) -> bool:
         return False
 
 
-def scan(data_dir: str | os.PathLike[str]) -> Iterator[FoundFile]:
-    """Yield every session file. A missing data dir yields nothing (all-zero figures)."""
-    found, _ = scan_changed(data_dir, frozenset())
-    yield from found
+def scan(data_dir: str | os.PathLike[str]) -> list[FoundFile]:
+    """Every session file. A missing data dir has none (all-zero figures)."""
+    return scan_changed(data_dir, frozenset())[0]
 
 
 def scan_changed(
