@@ -19,7 +19,7 @@ Nothing leaves the machine unredacted, the model is told that the transcript is 
 instructions, and its answer must validate against the schema (one retry with the error, then
 the session fails and is retried on later runs, then quarantined). A quote that is not
 verbatim text of a user turn that was sent drops its item: no evidence without the user's
-own words.
+own words. The stored quote is that span of the user's turn, never the model's copy of it.
 """
 
 from __future__ import annotations
@@ -389,14 +389,50 @@ def _unwrap_quote(quote: str) -> str:
     return stripped
 
 
-def find_quote(quote: str, turns: Sequence[Turn]) -> Turn | None:
-    """The first user turn that contains the quote verbatim (whitespace aside), or None."""
+def _collapsed(text: str) -> tuple[str, list[int]]:
+    """`_normalise(text)` and, for each of its characters, where it comes from in `text`
+    (a collapsed space points at the first whitespace character of its run)."""
+    chars: list[str] = []
+    origin: list[int] = []
+    run_start: int | None = None
+    for index, char in enumerate(text):
+        if char.isspace():
+            if chars and run_start is None:
+                run_start = index
+            continue
+        if run_start is not None:
+            chars.append(" ")
+            origin.append(run_start)
+            run_start = None
+        chars.append(char)
+        origin.append(index)
+    return "".join(chars), origin
+
+
+@dataclass(frozen=True)
+class QuoteMatch:
+    """Where a quote was found: the user turn and the exact span of its text that matched."""
+
+    turn: Turn
+    text: str
+
+
+def find_quote(quote: str, turns: Sequence[Turn]) -> QuoteMatch | None:
+    """The first user turn that contains the quote verbatim (whitespace aside), or None.
+
+    The match is the user's own text, spaced as they typed it: models re-space and re-wrap
+    what they copy, and the stored quote must be the user's words, not the model's copy."""
     wanted = _normalise(_unwrap_quote(quote))
     if not wanted:
         return None
     for turn in turns:
-        if turn.role == "user" and wanted in _normalise(turn.text):
-            return turn
+        if turn.role != "user":
+            continue
+        collapsed, origin = _collapsed(turn.text)
+        at = collapsed.find(wanted)
+        if at >= 0:
+            start, end = origin[at], origin[at + len(wanted) - 1] + 1
+            return QuoteMatch(turn, turn.text[start:end])
     return None
 
 
@@ -433,8 +469,8 @@ def evidence_rows(
     rows: dict[str, dict[str, Any]] = {}
     rejected = 0
     for item in items:
-        turn = find_quote(item.user_quote, prompt.turns)
-        if turn is None:
+        match = find_quote(item.user_quote, prompt.turns)
+        if match is None:
             rejected += 1
             continue
         key = item_key(item.title, item.content)
@@ -450,13 +486,13 @@ def evidence_rows(
             "detection_type": item.detection_type,
             "title": item.title,
             "content": item.content,
-            "user_quote": _unwrap_quote(item.user_quote),
+            "user_quote": match.text,
             "domain": item.domain,
             "entities": entities,
             "confidence": confidence,
             "model": model,
-            "occurred_at": turn.timestamp,
-            "quote_uuid": turn.uuid,
+            "occurred_at": match.turn.timestamp,
+            "quote_uuid": match.turn.uuid,
         }
     return list(rows.values()), rejected
 

@@ -16,6 +16,8 @@ from typing import Any
 import duckdb
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flows.pipeline import run_direct
 from flows.work import to_columns
@@ -23,11 +25,12 @@ from processors import llm, registry
 from processors.base import ProcessResult
 from processors.llm import NOT_CONFIGURED, LLMBudgetError, LLMError
 from processors.session import Session
-from processors.transcript import read_turns, user_texts
+from processors.transcript import Turn, read_turns, user_texts
 from processors.verification import (
     MAX_TRANSCRIPT_CHARS,
     SYSTEM_PROMPT,
     VerificationProcessor,
+    find_quote,
     item_key,
     prompt_for,
 )
@@ -245,6 +248,46 @@ def test_items_with_confidence_from_code_and_quotes_checked(
     assert "Winter2026!" not in sent and ANTHROPIC_KEY not in sent
     assert "[REDACTED:url_password]" in sent and "[REDACTED:anthropic_key]" in sent
     assert "Compare the dashboard query" not in sent  # thinking stays home
+
+
+def test_the_stored_quote_is_the_users_own_text(server: FakeLLM, data_dir: Path) -> None:
+    """The quote is matched whitespace aside, but what is stored is the span of the user's
+    turn as they typed it, never the model's re-spaced copy."""
+    t = Transcript("s-verbatim")
+    t.user("Why is the October figure off?")
+    t.response([text("I assume orders.amount excludes VAT.")])
+    said = "No,  orders.amount\n  includes VAT.\tNet revenue excludes VAT and refunds."
+    t.user(said)
+    t.response([text("Understood.")])
+    path = write(data_dir, "alice/verbatim.jsonl", t)
+    server.queue(items_answer(NET_REVENUE))  # quoted single-spaced, on one line
+    (row,) = process(path, "alice/verbatim.jsonl").rows["verification_evidence"]
+    assert (
+        row["user_quote"] == "orders.amount\n  includes VAT.\tNet revenue excludes VAT and refunds"
+    )
+    assert row["user_quote"] in said
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    words=st.lists(
+        st.text(st.characters(blacklist_categories=("Z", "C")), min_size=1), min_size=1, max_size=8
+    ),
+    gaps=st.lists(
+        st.sampled_from([" ", "  ", "\n", "\t ", "\u00a0", " \n "]), min_size=9, max_size=9
+    ),
+    cut=st.tuples(st.integers(0, 7), st.integers(0, 7)),
+)
+def test_a_found_quote_is_a_span_of_the_users_turn(
+    words: list[str], gaps: list[str], cut: tuple[int, int]
+) -> None:
+    said = gaps[0] + "".join(word + gap for word, gap in zip(words, gaps[1:], strict=False))
+    first, last = sorted(min(c, len(words) - 1) for c in cut)
+    quote = " ".join(words[first : last + 1])  # the model's copy: single-spaced
+    found = find_quote(quote, [Turn("assistant", quote), Turn("user", said)])
+    assert found is not None and found.turn.role == "user"
+    assert found.text in said and found.text == found.text.strip()
+    assert " ".join(found.text.split()) == quote
 
 
 def test_the_same_item_twice_in_a_session_is_one_row(server: FakeLLM, data_dir: Path) -> None:
