@@ -30,31 +30,29 @@ class SessionIdentity:
     """What the path says about a session file.
 
     `alice/<sid>.jsonl` is a main transcript; `alice/<sid>/subagents/agent-<id>.jsonl` a
-    subagent transcript (v2.1+); `alice/agent-<id>.jsonl` an older subagent file written
-    beside the session (its lines carry the parent's sessionId).
+    subagent transcript (v2.1+), and so is any `.jsonl` deeper below `subagents/`: a workflow
+    subagent, `alice/<sid>/subagents/workflows/<workflow-id>/agent-<id>.jsonl`, also records
+    its workflow; `alice/agent-<id>.jsonl` an older subagent file written beside the session
+    (its lines carry the parent's sessionId).
     """
 
     key: str
     username: str
     session_id: str | None
     agent_id: str | None
-
-    @property
-    def is_subagent(self) -> bool:
-        return self.agent_id is not None
+    workflow_id: str | None = None
+    is_subagent: bool = False
 
     @classmethod
     def from_key(cls, key: str) -> SessionIdentity:
         parts = PurePosixPath(key).parts
         stem = PurePosixPath(key).stem
         agent_id = stem[len("agent-") :] if stem.startswith("agent-") else None
-        if len(parts) >= 4 and parts[-2] == "subagents":
-            session_id: str | None = parts[-3]
-        elif agent_id is not None:
-            session_id = None
-        else:
-            session_id = stem
-        return cls(key=key, username=parts[0], session_id=session_id, agent_id=agent_id)
+        if len(parts) >= 4 and parts[2] == "subagents":
+            workflow_id = parts[4] if len(parts) >= 6 and parts[3] == "workflows" else None
+            return cls(key, parts[0], parts[1], agent_id, workflow_id, is_subagent=True)
+        session_id = None if agent_id is not None else stem
+        return cls(key, parts[0], session_id, agent_id, is_subagent=agent_id is not None)
 
 
 @dataclass
@@ -103,6 +101,10 @@ class Session:
     @property
     def agent_id(self) -> str | None:
         return self.identity.agent_id
+
+    @property
+    def workflow_id(self) -> str | None:
+        return self.identity.workflow_id
 
     @property
     def is_subagent(self) -> bool:

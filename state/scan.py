@@ -1,7 +1,9 @@
 """Find session transcripts under the data dir with a stat and nothing more.
 
 Layout: `<data_dir>/<user>/<session>.jsonl`, older subagent files `<user>/agent-<id>.jsonl`
-beside them, and current subagent transcripts `<user>/<session>/subagents/agent-<id>.jsonl`.
+beside them, current subagent transcripts `<user>/<session>/subagents/agent-<id>.jsonl`, and
+every `.jsonl` deeper below `subagents/` (workflow subagents are written to
+`subagents/workflows/<workflow-id>/agent-<id>.jsonl`), at most SUBAGENT_DEPTH folders down.
 Keys are paths relative to the data dir in POSIX form. A symbolic link is followed only when
 its target stays inside the data dir.
 """
@@ -15,6 +17,10 @@ from dataclasses import dataclass
 from stat import S_ISREG
 
 log = logging.getLogger("session_pipeline.scan")
+
+# Folders below `<session>/subagents/` that are searched for transcripts. Real layouts use one
+# (`workflows/<id>/`, two levels); the bound keeps a link cycle inside the data dir finite.
+SUBAGENT_DEPTH = 4
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x, and scans make 100k of them
@@ -85,7 +91,7 @@ def scan_changed(
     root_real = os.path.realpath(root)
     for user in _entries(root):
         if _dir_ok(user, root_real):
-            count += _collect(user.path, f"{user.name}/", root_real, known, changed, subagents=True)
+            count += _collect(user.path, f"{user.name}/", root_real, known, changed, depth=None)
     return changed, count
 
 
@@ -96,13 +102,14 @@ def _collect(
     known: AbstractSet[tuple[str, int, int]],
     changed: list[FoundFile],
     *,
-    subagents: bool,
+    depth: int | None,
 ) -> int:
-    """Count the regular `.jsonl` files in `path` (links only to inside the data dir), and
-    with `subagents` those in each `<session>/subagents/`, adding to `changed` those not in
-    `known`. This loop runs for every file of every scan (figure 1 in docs/benchmarks.md), so
-    the per-file checks are inline and cheapest first, and no generator stands between a
-    directory entry and its comparison."""
+    """Count the regular `.jsonl` files in `path` (links only to inside the data dir), adding
+    to `changed` those not in `known`. In a user folder (`depth` None) each sub-folder is a
+    session whose `subagents/` is searched; inside `subagents/` (`depth` the folders already
+    descended) every sub-folder is, down to SUBAGENT_DEPTH. This loop runs for every file of
+    every scan (figure 1 in docs/benchmarks.md), so the per-file checks are inline and
+    cheapest first, and no generator stands between a directory entry and its comparison."""
     count = 0
     for entry in _entries(path):
         name = entry.name
@@ -119,11 +126,19 @@ def _collect(
                 if (key, size, mtime_ns) not in known:
                     changed.append(FoundFile(key, entry.path, size, mtime_ns))
                 continue
-        if subagents and _dir_ok(entry, root_real):
+        if depth is not None and depth >= SUBAGENT_DEPTH:
+            continue
+        if not _dir_ok(entry, root_real):
+            continue
+        if depth is None:
             below = os.path.join(entry.path, "subagents")
             if os.path.islink(below) and not _inside(root_real, below):
                 continue
             count += _collect(
-                below, f"{prefix}{name}/subagents/", root_real, known, changed, subagents=False
+                below, f"{prefix}{name}/subagents/", root_real, known, changed, depth=0
+            )
+        else:
+            count += _collect(
+                entry.path, f"{prefix}{name}/", root_real, known, changed, depth=depth + 1
             )
     return count

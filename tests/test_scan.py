@@ -30,6 +30,30 @@ def test_finds_sessions_old_and_new_subagents(data_dir: Path) -> None:
     ]
 
 
+def test_finds_workflow_subagents_at_any_depth_below_subagents(data_dir: Path) -> None:
+    """Newer Claude Code writes workflow subagents one level deeper, `.meta.json` beside."""
+    write_session(data_dir, "alice/s1.jsonl", [user_line("hi")])
+    workflow = "alice/s1/subagents/workflows/wf-1"
+    write_session(data_dir, f"{workflow}/agent-w1.jsonl", [user_line("hi")])
+    (data_dir / f"{workflow}/agent-w1.meta.json").write_text('{"agentType": "general"}')
+    write_session(data_dir, "alice/s1/subagents/a/b/c/d/agent-deep.jsonl", [user_line("hi")])
+    write_session(data_dir, "alice/s1/subagents/a/b/c/d/e/agent-too-deep.jsonl", [user_line("x")])
+    write_session(data_dir, "alice/s1/other/agent-x.jsonl", [user_line("not a subagent dir")])
+    assert _keys(data_dir) == [
+        "alice/s1.jsonl",
+        "alice/s1/subagents/a/b/c/d/agent-deep.jsonl",
+        f"{workflow}/agent-w1.jsonl",
+    ]
+
+
+def test_a_link_cycle_below_subagents_ends(data_dir: Path) -> None:
+    write_session(data_dir, "alice/s1/subagents/workflows/wf/agent-1.jsonl", [user_line("hi")])
+    os.symlink(data_dir / "alice/s1/subagents", data_dir / "alice/s1/subagents/workflows/wf/loop")
+    keys = _keys(data_dir)
+    assert "alice/s1/subagents/workflows/wf/agent-1.jsonl" in keys
+    assert len(keys) < 10  # bounded by the depth, not a hang
+
+
 def test_stat_fields_are_recorded(data_dir: Path) -> None:
     path = write_session(data_dir, "alice/s1.jsonl", [user_line("hi")])
     (found,) = list(scan(data_dir))

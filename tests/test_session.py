@@ -82,24 +82,33 @@ def test_a_file_that_shrinks_while_read_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "username", "session_id", "agent_id"),
+    ("key", "username", "session_id", "agent_id", "workflow_id", "is_subagent"),
     [
-        ("alice/abc.jsonl", "alice", "abc", None),
-        ("alice/abc/subagents/agent-a1.jsonl", "alice", "abc", "a1"),
-        ("bob/agent-7f.jsonl", "bob", None, "7f"),
-        ("name with space/é ü.jsonl", "name with space", "é ü", None),
+        ("alice/abc.jsonl", "alice", "abc", None, None, False),
+        ("alice/abc/subagents/agent-a1.jsonl", "alice", "abc", "a1", None, True),
+        ("alice/abc/subagents/workflows/wf-9/agent-a2.jsonl", "alice", "abc", "a2", "wf-9", True),
+        ("alice/abc/subagents/other/deeper/agent-a3.jsonl", "alice", "abc", "a3", None, True),
+        ("alice/abc/subagents/workflows/wf-9/notes.jsonl", "alice", "abc", None, "wf-9", True),
+        ("bob/agent-7f.jsonl", "bob", None, "7f", None, True),
+        ("name with space/é ü.jsonl", "name with space", "é ü", None, None, False),
     ],
 )
 def test_identity_from_key(
-    key: str, username: str, session_id: str | None, agent_id: str | None
+    key: str,
+    username: str,
+    session_id: str | None,
+    agent_id: str | None,
+    workflow_id: str | None,
+    is_subagent: bool,
 ) -> None:
     identity = SessionIdentity.from_key(key)
-    assert (identity.username, identity.session_id, identity.agent_id) == (
-        username,
-        session_id,
-        agent_id,
-    )
-    assert identity.is_subagent == (agent_id is not None)
+    assert (
+        identity.username,
+        identity.session_id,
+        identity.agent_id,
+        identity.workflow_id,
+        identity.is_subagent,
+    ) == (username, session_id, agent_id, workflow_id, is_subagent)
 
 
 def test_complete_offset_and_hash_mark_where_the_next_read_continues(tmp_path: Path) -> None:
