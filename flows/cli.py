@@ -173,8 +173,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results if args.all else results[0], indent=2))
         return 0
-    header = ["processor", "scanned", "processed", "skipped", "errors", "quarantined", "items"]
-    rows = [[r[k if k != "items" else "items_extracted"] for k in header] for r in results]
+    header = ["processor", "scanned", "processed", "skipped", "errors", "quarantined", "held"]
+    header += ["items"]
+    names = {"items": "items_extracted", "held": "quarantined_held"}
+    rows = [[r[names.get(k, k)] for k in header] for r in results]
     print(_table(rows, header))
     for r in results:
         for detail in r["errors_detail"][:20]:

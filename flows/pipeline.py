@@ -168,7 +168,7 @@ class Tally:
             processor=processor.name,
             scanned=the_plan.scanned,
             skipped=the_plan.unchanged,
-            quarantined=len(the_plan.held),
+            quarantined_held=len(the_plan.held),
         )
         return cls(figures, logger)
 
@@ -176,6 +176,8 @@ class Tally:
         self, outcomes: Sequence[Outcome], quarantined: Sequence[str], max_attempts: int
     ) -> None:
         newly = set(quarantined)
+        self.figures.quarantined += len(newly)
+        self.figures.quarantined_held += len(newly)
         # A segment of a big file is not a session read: the session counts with its last one.
         self.attempted += sum(1 for o in outcomes if not o.partial)
         for o in outcomes:

@@ -196,14 +196,15 @@ def run_processor(
             describe(error),
         )
     logger.info(
-        "%s: scanned %d, processed %d, skipped %d, errors %d, quarantined %d, deferred %d, "
-        "items %d in %.1fs",
+        "%s: scanned %d, processed %d, skipped %d, errors %d, quarantined %d (%d held), "
+        "deferred %d, items %d in %.1fs",
         processor_name,
         figures.scanned,
         figures.processed,
         figures.skipped,
         figures.errors,
         figures.quarantined,
+        figures.quarantined_held,
         figures.deferred,
         figures.items_extracted,
         figures.duration_seconds,

@@ -93,8 +93,8 @@ def _figures(db: Path, flow_run_id: str) -> dict[str, Any] | None:
         migrate(con)
         cursor = con.execute(
             "SELECT processor_name AS processor, scanned, processed, skipped, errors, quarantined, "
-            "deferred, items_extracted, errors_detail, duration_seconds FROM processor_runs "
-            "WHERE flow_run_id = ? AND status = 'completed'",
+            "quarantined_held, deferred, items_extracted, errors_detail, duration_seconds "
+            "FROM processor_runs WHERE flow_run_id = ? AND status = 'completed'",
             [flow_run_id],
         )
         row = cursor.fetchone()

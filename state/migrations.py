@@ -190,6 +190,11 @@ def _checkpoints_table(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("ALTER TABLE session_processor_state DROP COLUMN checkpoint")
 
 
+def _quarantined_held(con: duckdb.DuckDBPyConnection) -> None:
+    # `quarantined` becomes what a run did; what it found held is a column of its own.
+    con.execute("ALTER TABLE processor_runs ADD COLUMN IF NOT EXISTS quarantined_held INTEGER")
+
+
 MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
     (1, "session_processor_state with versions, stat and attempts", _state_table),
     (2, "import session_extraction_state as verification rows", _import_extraction_state),
@@ -198,6 +203,7 @@ MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
     (5, "run ledger (status, host, pid) and trigger_audit", _run_ledger_and_audit),
     (6, "append checkpoints on session_processor_state", _append_checkpoints),
     (7, "session_checkpoints table", _checkpoints_table),
+    (8, "processor_runs.quarantined_held", _quarantined_held),
 )
 
 LATEST = MIGRATIONS[-1][0]

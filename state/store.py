@@ -490,7 +490,10 @@ def _record_failures(
 
 @dataclass
 class RunFigures:
-    """The figures of one run: the old system's keys plus quarantined, deferred and timing."""
+    """The figures of one run: the old system's keys plus quarantined, deferred and timing.
+
+    `quarantined` is what this run did (sessions it quarantined); `quarantined_held` how many
+    sessions are in quarantine when it ends (not read until `reprocess` releases them)."""
 
     processor: str
     scanned: int = 0
@@ -498,6 +501,7 @@ class RunFigures:
     skipped: int = 0
     errors: int = 0
     quarantined: int = 0
+    quarantined_held: int = 0
     deferred: int = 0
     items_extracted: int = 0
     errors_detail: list[dict[str, str]] = field(default_factory=list)
@@ -511,6 +515,7 @@ class RunFigures:
             "skipped": self.skipped,
             "errors": self.errors,
             "quarantined": self.quarantined,
+            "quarantined_held": self.quarantined_held,
             "deferred": self.deferred,
             "items_extracted": self.items_extracted,
             "errors_detail": self.errors_detail,
@@ -559,8 +564,8 @@ def finish_run(
         """
         UPDATE processor_runs SET
             finished_at = ?, status = ?, duration_seconds = epoch(?::TIMESTAMPTZ - started_at),
-            scanned = ?, processed = ?, skipped = ?, errors = ?, quarantined = ?, deferred = ?,
-            items_extracted = ?, errors_detail = ?
+            scanned = ?, processed = ?, skipped = ?, errors = ?, quarantined = ?,
+            quarantined_held = ?, deferred = ?, items_extracted = ?, errors_detail = ?
         WHERE run_id = ?
         """,
         [
@@ -572,6 +577,7 @@ def finish_run(
             f.skipped,
             f.errors,
             f.quarantined,
+            f.quarantined_held,
             f.deferred,
             f.items_extracted,
             orjson.dumps(f.errors_detail).decode(),

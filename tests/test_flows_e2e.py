@@ -182,6 +182,7 @@ def test_cli_run_all_prints_the_figures(
         "skipped",
         "errors",
         "quarantined",
+        "held",
         "items",
     ]
     assert out.splitlines()[2].split()[:3] == ["usage", "7", "7"]

@@ -254,7 +254,15 @@ def test_failure_keeps_old_rows_and_quarantine_then_release(data_dir: Path, db: 
             "SELECT attempts, status FROM session_processor_state WHERE session_file = 'alice/s1.jsonl'",
         )
         assert row == [(attempt, "failed" if attempt < 3 else "quarantined")]
+        # what the run did, and how many it leaves held
+        assert (figures["quarantined"], figures["quarantined_held"]) == (
+            (0, 0) if attempt < 3 else (1, 1)
+        )
     assert "quarantined after 3 attempts" in figures["errors_detail"][0]["error"]
+    with connect(db) as con:
+        assert con.execute(
+            "SELECT quarantined, quarantined_held FROM processor_runs ORDER BY started_at DESC LIMIT 1"
+        ).fetchall() == [(1, 1)]
     # the old rows survive every failure
     assert _rows(
         db, "SELECT text FROM recorder_rows WHERE session_file = 'alice/s1.jsonl' ORDER BY 1"
@@ -262,12 +270,14 @@ def test_failure_keeps_old_rows_and_quarantine_then_release(data_dir: Path, db: 
     # quarantined: left alone
     proc.seen.clear()
     figures = _run(proc, data_dir, db, max_attempts=3)
-    assert proc.seen == [] and figures["quarantined"] == 1 and figures["errors"] == 0
+    assert proc.seen == [] and figures["errors"] == 0
+    assert (figures["quarantined"], figures["quarantined_held"]) == (0, 1)
     # released, and the processor fixed: processed again, rows replaced
     with connect(db) as con:
         assert release(con, "recorder", quarantined_only=True) == 1
     figures = _run(Recorder(), data_dir, db, max_attempts=3)
-    assert figures["processed"] == 1 and figures["quarantined"] == 0
+    assert figures["processed"] == 1
+    assert (figures["quarantined"], figures["quarantined_held"]) == (0, 0)
     assert _rows(db, "SELECT text FROM recorder_rows WHERE session_file = 'alice/s1.jsonl'") == [
         ("changed",)
     ]
