@@ -5,18 +5,22 @@ it needs no code change and no restart.
 
 One `LLMSession` serves one transcript. It owns the per-session time budget: a long session
 once held the old app for over an hour, so every request's timeout, every retry and every
-wait for `Retry-After` must fit in what is left of the budget, and the body is read with the
-deadline checked between chunks (a read timeout alone lets a trickling server run forever).
+wait for `Retry-After` must fit in what is left of the budget, and a watchdog shuts the
+connection down under a request still in flight when the budget ends (a read timeout alone
+restarts on every byte, so a server trickling its headers or body would run forever).
 Errors are `LLMError`s with a one-line message; the pipeline records it, retries the session
 on later runs and quarantines it in the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import os
 import random
 import re
+import socket
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -293,6 +297,11 @@ class LLMSession:
         self.input_tokens = 0
         self.output_tokens = 0
         self._client = httpx.Client(follow_redirects=False)
+        # The watchdog's view of the request in flight: the socket it uses (reported by
+        # httpcore's trace hook as it connects) and whether the budget ran out under it.
+        self._watch = threading.Lock()
+        self._socket: socket.socket | None = None
+        self._expired = False
 
     def __enter__(self) -> LLMSession:
         return self
@@ -340,12 +349,61 @@ class LLMSession:
         }
         return body, headers
 
+    def _trace(self, event: str, info: Mapping[str, Any]) -> None:
+        """httpcore's trace hook: remember the socket of each new connection (TCP, then the
+        TLS one wrapping it), so the watchdog can cut the request it carries."""
+        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            return
+        stream = info.get("return_value")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if not isinstance(sock, socket.socket):
+            return
+        with self._watch:
+            self._socket = sock
+            expired = self._expired
+        if expired:  # the budget ran out while connecting
+            _shut(sock)
+
+    def _expire(self) -> None:
+        """The watchdog: the budget ran out with a request in flight. Shutting the socket
+        down wakes a read blocked in any phase (headers, body, TLS handshake) at once."""
+        with self._watch:
+            self._expired = True
+            sock = self._socket
+        if sock is not None:
+            _shut(sock)
+
     def _send(self, body: dict[str, Any], headers: dict[str, str]) -> Completion:
-        """One HTTP request; `_Transient` for what a retry may fix, `LLMError` otherwise."""
+        """One HTTP request; `_Transient` for what a retry may fix, `LLMError` otherwise.
+
+        httpx's timeouts bound each socket operation, not the request: a server sending a
+        header byte every half second never trips a 5 s read timeout. A watchdog timer set
+        to the budget's end shuts the connection down under the request instead."""
         timeout = min(self.remaining(), MAX_REQUEST_SECONDS)
         if timeout <= 0:
             raise _Transient("no time left for a request")
         self.requests += 1
+        with self._watch:
+            self._expired = False
+        watchdog = threading.Timer(self.remaining(), self._expire)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return self._exchange(body, headers, timeout)
+        except _Transient:
+            if self._expired:
+                raise self._budget_error(
+                    f"cut off {self.config.session_budget_seconds:g}s into the session with "
+                    f"the answer from {self._host} still arriving"
+                ) from None
+            raise
+        finally:
+            watchdog.cancel()
+
+    def _exchange(
+        self, body: dict[str, Any], headers: dict[str, str], timeout: float
+    ) -> Completion:
+        """The request and its answer, read whole (within `MAX_RESPONSE_BYTES`)."""
         try:
             with self._client.stream(
                 "POST",
@@ -353,6 +411,7 @@ class LLMSession:
                 content=orjson.dumps(body),
                 headers={"content-type": "application/json", **headers},
                 timeout=httpx.Timeout(timeout),
+                extensions={"trace": self._trace},
             ) as response:
                 raw = bytearray()
                 for chunk in response.iter_bytes():
@@ -409,6 +468,13 @@ class LLMSession:
             if delay >= self.remaining():
                 raise self._budget_error(f"{problem}; a retry in {delay:.1f}s would not fit")
             time.sleep(delay)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Shut a socket down from another thread; a socket already closed is fine. The base
+    class's method, so a TLS socket's state is left to the thread using it."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n(.*?)\n?```\s*$", re.DOTALL)

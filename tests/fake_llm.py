@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -40,7 +41,9 @@ _ids = itertools.count(1)
 @dataclass(frozen=True)
 class Reply:
     """One scripted answer. `text` is the model's text for a 200; `raw` replaces the whole
-    body (e.g. malformed JSON); `delay` holds the answer back that many seconds."""
+    body (e.g. malformed JSON); `delay` holds the answer back that many seconds; `trickle`
+    sends the status line and headers one byte every that many seconds (a read timeout,
+    which restarts on every byte, never fires)."""
 
     status: int = 200
     text: str = ""
@@ -48,6 +51,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     raw: bytes | None = None
     delay: float = 0.0
+    trickle: float = 0.0
     input_tokens: int = 1200
     output_tokens: int = 150
     stop_reason: str = "end_turn"
@@ -75,6 +79,12 @@ def malformed_body() -> Reply:
 
 def slow(seconds: float, reply: Reply | None = None) -> Reply:
     return dataclasses.replace(reply or items_answer(), delay=seconds)
+
+
+def trickled(seconds_per_byte: float, reply: Reply | None = None) -> Reply:
+    """An answer whose headers arrive one byte every `seconds_per_byte` (a slowloris server,
+    a proxy stuck mid-response)."""
+    return dataclasses.replace(reply or items_answer(), trickle=seconds_per_byte)
 
 
 @dataclass(frozen=True)
@@ -223,13 +233,25 @@ class FakeLLM:
             payload = orjson.dumps(_anthropic_message(reply, model or "claude-haiku-4-5"))
         else:
             payload = orjson.dumps(_openai_completion(reply, model or "local-model"))
-        handler.send_response(reply.status)
-        handler.send_header("content-type", "application/json")
-        handler.send_header("content-length", str(len(payload)))
-        handler.send_header("request-id", f"req_fake{next(_ids):08d}")
-        for name, value in reply.headers.items():
-            handler.send_header(name, value)
-        handler.end_headers()
+        headers = {
+            "content-type": "application/json",
+            "content-length": str(len(payload)),
+            "request-id": f"req_fake{next(_ids):08d}",
+            **reply.headers,
+        }
+        if reply.trickle:
+            head = f"HTTP/1.1 {reply.status} {HTTPStatus(reply.status).phrase}\r\n"
+            head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+            for byte in (head + "\r\n").encode():
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+                if self._stopping.wait(reply.trickle):
+                    return
+        else:
+            handler.send_response(reply.status)
+            for name, value in headers.items():
+                handler.send_header(name, value)
+            handler.end_headers()
         handler.wfile.write(payload)
         handler.wfile.flush()
 

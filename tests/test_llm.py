@@ -23,7 +23,15 @@ from processors.llm import (
     strip_code_fence,
     unavailable_reason,
 )
-from tests.fake_llm import FakeLLM, answer, clear_llm_env, error, malformed_body, slow
+from tests.fake_llm import (
+    FakeLLM,
+    answer,
+    clear_llm_env,
+    error,
+    malformed_body,
+    slow,
+    trickled,
+)
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -238,6 +246,39 @@ def test_a_slow_answer_past_the_budget_is_not_waited_for(server: FakeLLM) -> Non
         llm.complete("s", HI)
     assert time.monotonic() - started < 2
     assert str(caught.value).startswith("LLM time budget of 1s per session exhausted")
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+def test_headers_trickling_past_the_budget_are_cut_off(server: FakeLLM, provider: str) -> None:
+    """A read timeout restarts on every byte: headers sent a byte every 0.2 s (about 30 s in
+    all) would hold the run that long. The watchdog ends the request when the budget does."""
+    server.queue(trickled(0.2, answer("ok", headers={"x-padding": "p" * 40})))
+    env = {
+        "SESSION_PIPELINE_LLM_API_KEY": "test-key",
+        "SESSION_PIPELINE_LLM_SESSION_BUDGET": "1",
+    }
+    if provider == "anthropic":
+        env["ANTHROPIC_BASE_URL"] = server.base_url
+    else:
+        env["SESSION_PIPELINE_LLM_PROVIDER"] = "openai"
+        env["SESSION_PIPELINE_LLM_BASE_URL"] = f"{server.base_url}/v1"
+        env["SESSION_PIPELINE_LLM_MODEL"] = "m"
+    started = time.monotonic()
+    with LLMSession(LLMConfig.from_env(env)) as llm, pytest.raises(LLMBudgetError) as caught:
+        llm.complete("s", HI)
+    assert time.monotonic() - started < 10
+    assert str(caught.value).startswith("LLM time budget of 1s per session exhausted")
+    assert len(server.received) == 1
+
+
+def test_a_session_goes_on_after_a_request_that_fit(server: FakeLLM) -> None:
+    """The watchdog of a finished request never cuts the next one's connection."""
+    server.queue(answer("one"), answer("two"))
+    with anthropic(server, budget=2) as llm:
+        assert llm.complete("s", HI).text == "one"
+        time.sleep(0.2)
+        assert llm.complete("s", HI).text == "two"
+    assert llm.requests == 2
 
 
 def test_client_errors_fail_at_once_with_the_servers_reason(server: FakeLLM) -> None:
