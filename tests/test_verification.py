@@ -415,7 +415,7 @@ def test_invalid_output_twice_fails_the_session_then_quarantines_it(
     last = run_direct(processor, data_dir, db, max_attempts=3)
     assert "quarantined after 3 attempts" in last.errors_detail[0]["error"]
     after = run_direct(processor, data_dir, db, max_attempts=3)
-    assert after.quarantined == 1 and after.processed == after.errors == 0
+    assert after.quarantined_held == 1 and after.processed == after.errors == 0
     assert len(server.received) == 6  # two per attempt, none once quarantined
 
 
