@@ -4,6 +4,8 @@ and code that merely mention tokens or passwords come through untouched."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from processors.redact import is_secret_key, redact
 
@@ -58,7 +60,7 @@ VTLw7onLRnrq0/IzW7yWR7QkrmBL7jTKEn5u+qKhbwKfBstIs+bMY2Zkp18gnTxK
         (
             "export STRIPE_SECRET_KEY='sk_live_51HxYzAbCdEfGh'",
             "sk_live_51HxYzAbCdEfGh",
-            "secret_value",
+            "stripe_key",
         ),
         ("  client_secret: 8a7b6c5d4e3f2a1b", "8a7b6c5d4e3f2a1b", "secret_value"),
         ('{"accessToken": "eyJraWQiOiJ4", "user": "bob"}', "eyJraWQiOiJ4", "secret_value"),
@@ -69,6 +71,54 @@ VTLw7onLRnrq0/IzW7yWR7QkrmBL7jTKEn5u+qKhbwKfBstIs+bMY2Zkp18gnTxK
             "a1b2c3d4e5",
             "secret_value",
         ),
+        # within what the README promises: an empty URL user, PASS/PWD names, a bearer
+        # token without digits in an Authorization header
+        ("redis://:s3cr3t-Pa55@cache.internal:6379/0", "s3cr3t-Pa55", "url_password"),
+        ("REDIS_URL=redis://:hunter2@cache:6379", "hunter2", "url_password"),
+        ("DB_PASS=correct-horse", "correct-horse", "secret_value"),
+        ("MYSQL_PWD=correct-horse mysql -u root", "correct-horse", "secret_value"),
+        ("export SMTP_PASS='correct horse'", "correct horse", "secret_value"),
+        ("  dbPwd: correct-horse", "correct-horse", "secret_value"),
+        (
+            'curl -H "Authorization: Bearer abcDEFghiJKLmnoPQR_st-uv" https://api.acme.dev',
+            "abcDEFghiJKLmnoPQR_st-uv",
+            "bearer_token",
+        ),
+        # what users paste daily
+        (
+            "curl -H 'Authorization: Basic YWxpY2U6aHVudGVyMg==' https://jenkins.internal",
+            "YWxpY2U6aHVudGVyMg==",
+            "authorization",
+        ),
+        ('headers = {"Authorization": "Token deadBEEFcafe"}', "deadBEEFcafe", "authorization"),
+        ("> Authorization: Bearer abcDEFghiJKLmnop", "abcDEFghiJKLmnop", "bearer_token"),
+        ("curl -H 'X-API-Key: abc' https://api.acme.dev/v1", "abc", "secret_value"),
+        ('curl --header "x-auth-token:Zx9Yw8Vu7T" $URL', "Zx9Yw8Vu7T", "secret_value"),
+        (
+            "stripe.api_key = sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+            "4eC39HqLyjWDarjtT1zdp7dc",
+            "stripe_key",
+        ),
+        (
+            "the test key sk_test_4eC39HqLyjWDarjtT1zdp7dc works",
+            "4eC39HqLyjWDarjtT1zdp7dc",
+            "stripe_key",
+        ),
+        ("restricted: rk_live_51HxYzAbCdEfGhIjKl", "51HxYzAbCdEfGhIjKl", "stripe_key"),
+        ("rk_test_51HxYzAbCdEfGhIjKl", "51HxYzAbCdEfGhIjKl", "stripe_key"),
+        (
+            "maps key AIzaSyA-1234567890abcdefghijklmnopqrstu",
+            "SyA-1234567890abcdefghijklmnopqrstu",
+            "google_api_key",
+        ),
+        (f"{AWS_KEY_ID} {AWS_SECRET}", AWS_SECRET, "aws_secret_access_key"),
+        (
+            f"Access key ID,Secret access key\n{AWS_KEY_ID},{AWS_SECRET}",
+            AWS_SECRET,
+            "aws_secret_access_key",
+        ),
+        (f"key id: {AWS_KEY_ID}\nsecret: {AWS_SECRET}", AWS_SECRET, "aws_secret_access_key"),
+        (f"{AWS_SECRET} is the secret for {AWS_KEY_ID}", AWS_SECRET, "aws_secret_access_key"),
     ],
 )
 def test_secrets_are_redacted_with_their_kind(text: str, secret: str, kind: str) -> None:
@@ -128,6 +178,13 @@ def test_a_truncated_private_key_is_redacted_to_the_end() -> None:
         "sk-learn is not a package name, scikit-learn is",
         "refund_amount = round(amount * 0.5, 2)",
         "https://github.com/acme/web-dashboard/issues/57",
+        "PWD=/home/alice/src OLDPWD=/tmp PASSES=3",
+        "Set the Authorization: Bearer header on every call; use Authorization: Basic auth there.",
+        "--- PASS: TestRefunds (0.00s)",
+        "BYPASS_CACHE=1 COMPASS_URL=https://compass.internal",
+        'print("note: done") and "Tokens: 500"',
+        "a commit 3f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a, not near any AWS key",
+        "sk_test_helper and rk_testing_utils are function names",
     ],
 )
 def test_ordinary_text_survives(text: str) -> None:
@@ -145,6 +202,15 @@ def test_ordinary_text_survives(text: str) -> None:
         ("apikey", True),
         ("GOOGLE_APPLICATION_CREDENTIALS", True),
         ("private_key", True),
+        ("DB_PASS", True),
+        ("MYSQL_PWD", True),
+        ("dbPwd", True),
+        ("SSH_PASSPHRASE", True),
+        ("X-API-Key", True),
+        ("PWD", False),
+        ("OLDPWD", False),
+        ("PASS_THROUGH", False),
+        ("BYPASS", False),
         ("MAX_TOKENS", False),
         ("TOKENIZER", False),
         ("SECRETARY_NAME", False),
@@ -154,3 +220,110 @@ def test_ordinary_text_survives(text: str) -> None:
 )
 def test_secret_key_names(key: str, secret: bool) -> None:
     assert is_secret_key(key) is secret
+
+
+# --- property: a planted secret never survives, whatever surrounds it ------------------------
+
+_B64 = "[A-Za-z0-9+/]"
+# (template, strategy for the secret): the template is how the secret is pasted.
+_PLANTED = st.one_of(
+    st.tuples(
+        st.just("redis://:{}@cache.internal:6379/0"),
+        st.from_regex(r"[A-Za-z0-9!%^&*_+-]{6,24}", fullmatch=True),
+    ),
+    st.tuples(
+        st.just("postgres://app:{}@db:5432/app"),
+        st.from_regex(r"[A-Za-z0-9!%^&*_+-]{6,24}", fullmatch=True),
+    ),
+    st.tuples(
+        st.sampled_from(
+            [
+                "DB_PASS={}",
+                "export MYSQL_PWD={}",
+                "SMTP_PASS='{}'",
+                "PGPASSWORD={}",
+                "SSH_PASSPHRASE={}",
+            ]
+        ),
+        # a masked `***` value is no secret
+        st.from_regex(r"[A-Za-z0-9!%^_+-][A-Za-z0-9!%^*_+-]{5,23}", fullmatch=True),
+    ),
+    st.tuples(
+        st.sampled_from(
+            [
+                "Authorization: Bearer {}",
+                "curl -H 'Authorization: Bearer {}' https://api.acme.dev",
+                '-H "authorization: Basic {}"',
+                '{{"Authorization": "Token {}"}}',
+            ]
+        ),
+        # base64url without digits, a capital inside, no sentence punctuation at the end:
+        # what the header rule promises
+        st.from_regex(
+            r"[A-Za-z._~+/-]{4,20}[A-Z][A-Za-z._~+/-]{2,30}[A-Za-z_~+/-]={0,2}", fullmatch=True
+        ),
+    ),
+    st.tuples(
+        st.sampled_from(
+            ["-H 'X-API-Key: {}'", '--header "x-auth-token: {}"', "-H 'Private-Token:{}'"]
+        ),
+        st.from_regex(r"[A-Za-z0-9_.~-]{3,40}", fullmatch=True),
+    ),
+    st.tuples(
+        st.sampled_from(["sk_live_{}", "rk_live_{}", "sk_test_{}", "rk_test_{}"]),
+        st.from_regex(r"[A-Za-z0-9]{10,40}", fullmatch=True),
+    ),
+    st.tuples(st.just("AIza{}"), st.from_regex(r"[0-9A-Za-z_-]{35}", fullmatch=True)),
+    st.tuples(
+        st.sampled_from(
+            [
+                "AKIAIOSFODNN7EXAMPLE {}",
+                "AKIAIOSFODNN7EXAMPLE,{}",
+                "aws_access_key_id = AKIAIOSFODNN7EXAMPLE\naws_secret_access_key = {}",
+                "key: ASIAIOSFODNN7EXAMPLE\nsecret: {}",
+                "{} (secret) for AKIAIOSFODNN7EXAMPLE",
+            ]
+        ),
+        st.from_regex(rf"[A-Z][a-z]{_B64}{{38}}", fullmatch=True),
+    ),
+    st.tuples(st.just("{}"), st.from_regex(r"sk-ant-[A-Za-z0-9_-]{16,40}", fullmatch=True)),
+    st.tuples(st.just("{}"), st.from_regex(r"gh[pousr]_[A-Za-z0-9]{36}", fullmatch=True)),
+    st.tuples(
+        st.just("{}"), st.from_regex(r"xox[abprs]-[0-9]{6,12}-[A-Za-z0-9]{8,24}", fullmatch=True)
+    ),
+)
+_SEPARATORS = st.sampled_from([" ", "\n", "\t", ": ", ". ", " (", ") ", "\n\n", " -- "])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    planted=_PLANTED,
+    before=st.text(max_size=80),
+    after=st.text(max_size=80),
+    seps=st.tuples(_SEPARATORS, _SEPARATORS),
+)
+def test_a_planted_secret_never_survives_redaction(
+    planted: tuple[str, str], before: str, after: str, seps: tuple[str, str]
+) -> None:
+    template, secret = planted
+    assume(secret not in before and secret not in after)
+    text = before + seps[0] + template.format(secret) + seps[1] + after
+    redacted, count = redact(text)
+    assert secret not in redacted and count >= 1
+    assert redact(redacted) == (redacted, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    words=st.lists(
+        st.from_regex(r"[A-Za-z][a-z]{0,14}[.,;:!?]?", fullmatch=True) | st.just("Authorization:"),
+        min_size=3,
+        max_size=40,
+    )
+)
+def test_prose_is_never_redacted(words: list[str]) -> None:
+    """Words and punctuation, however they fall (`Authorization: Bearer header`, `Password:
+    required by policy`), are never a secret. (A line that is only `Password: word` is an
+    assignment, redacted on purpose.)"""
+    text = " ".join(words)
+    assert redact(text) == (text, 0)
