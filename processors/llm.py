@@ -114,8 +114,16 @@ class LLMConfig:
             raise LLMConfigError(
                 f"SESSION_PIPELINE_LLM_PROVIDER must be anthropic or openai, got {provider!r}"
             )
+        base = _env(env, "SESSION_PIPELINE_LLM_BASE_URL")
+        if base is not None and (provider is None or provider.lower() != "openai"):
+            # Never fall back to the public API: the key and the transcripts were meant for
+            # the host named here.
+            raise LLMConfigError(
+                "SESSION_PIPELINE_LLM_BASE_URL is set but SESSION_PIPELINE_LLM_PROVIDER is "
+                f"{provider or 'not'}: set SESSION_PIPELINE_LLM_PROVIDER=openai to use it, or "
+                "unset it (for Anthropic's API through a gateway, set ANTHROPIC_BASE_URL)"
+            )
         if provider is not None and provider.lower() == "openai":
-            base = _env(env, "SESSION_PIPELINE_LLM_BASE_URL")
             if base is None:
                 raise LLMConfigError(
                     "SESSION_PIPELINE_LLM_PROVIDER=openai needs SESSION_PIPELINE_LLM_BASE_URL "

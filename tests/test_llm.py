@@ -129,6 +129,30 @@ def test_openai_compatible_config() -> None:
             "must be anthropic or openai, got 'bedrock'",
         ),
         ({"SESSION_PIPELINE_LLM_PROVIDER": "anthropic"}, "needs ANTHROPIC_API_KEY"),
+        # a base URL without the provider that uses it: never the public API instead
+        (
+            {
+                "ANTHROPIC_API_KEY": "sk-ant-for-the-gateway",
+                "SESSION_PIPELINE_LLM_BASE_URL": "https://llm-gateway.internal/v1",
+            },
+            "SESSION_PIPELINE_LLM_BASE_URL is set but SESSION_PIPELINE_LLM_PROVIDER is not",
+        ),
+        (
+            {
+                "SESSION_PIPELINE_LLM_API_KEY": "k",
+                "SESSION_PIPELINE_LLM_BASE_URL": "http://gpu-box:8000/v1",
+                "SESSION_PIPELINE_LLM_MODEL": "qwen",
+            },
+            "set SESSION_PIPELINE_LLM_PROVIDER=openai to use it",
+        ),
+        (
+            {
+                "SESSION_PIPELINE_LLM_PROVIDER": "anthropic",
+                "ANTHROPIC_API_KEY": "k",
+                "SESSION_PIPELINE_LLM_BASE_URL": "https://llm-gateway.internal/v1",
+            },
+            "SESSION_PIPELINE_LLM_PROVIDER is anthropic",
+        ),
         ({"ANTHROPIC_API_KEY": "k", "SESSION_PIPELINE_LLM_SESSION_BUDGET": "0"}, "positive number"),
         ({"ANTHROPIC_API_KEY": "k", "SESSION_PIPELINE_LLM_SESSION_BUDGET": ""}, "positive number"),
         ({"ANTHROPIC_API_KEY": "k", "SESSION_PIPELINE_LLM_SESSION_BUDGET": "5m"}, "got '5m'"),

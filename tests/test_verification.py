@@ -560,6 +560,19 @@ def test_disabled_without_configuration_and_enabled_without_restart(
     assert registry.get("verification").name == "verification"
 
 
+def test_a_base_url_without_its_provider_disables_the_processor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key meant for an internal gateway must not go to the public API with the
+    transcripts: the processor is listed as unavailable, with the reason, and never runs."""
+    clear_llm_env(monkeypatch)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-for-the-gateway")
+    monkeypatch.setenv("SESSION_PIPELINE_LLM_BASE_URL", "https://llm-gateway.internal/v1")
+    reason = VerificationProcessor().unavailable_reason()
+    assert reason is not None and "\n" not in reason
+    assert reason.startswith("SESSION_PIPELINE_LLM_BASE_URL is set but")
+
+
 # --- the prompt ------------------------------------------------------------------------------
 
 GOLDEN_SESSIONS = {
