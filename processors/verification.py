@@ -9,15 +9,18 @@ definitions. What the pipeline stores, per session file (replaced on every repro
   adds a row there, and a retry or reprocess of a session replaces its rows instead of adding
   new ones. Confidence is set here from the detection type, never taken from the model.
 - `verification_sessions`: one row per session: what was sent (turns, characters, secrets
-  redacted), which provider and model answered, requests and tokens spent.
+  redacted), which provider and model answered, requests and tokens spent, and how many items
+  were dropped (`quotes_rejected`, `invalid_items`).
 
 `knowledge_items` is a view with one row per item over all evidence. Human review lives in
 `knowledge_reviews`, a table the pipeline never replaces, so a review survives reprocessing;
 an item without a review is `pending`.
 
 Nothing leaves the machine unredacted, the model is told that the transcript is data and not
-instructions, and its answer must validate against the schema (one retry with the error, then
-the session fails and is retried on later runs, then quarantined). A quote that is not
+instructions, and its answer must be a JSON object with an `items` list (one retry with the
+error, then the session fails and is retried on later runs, then quarantined). Items are
+validated one by one: an invalid item is dropped and counted, the valid ones are kept (an
+answer with no valid item is asked again once, then accepted as it is). A quote that is not
 verbatim text of a user turn that was sent drops its item: no evidence without the user's
 own words. The stored quote is that span of the user's turn, never the model's copy of it.
 """
@@ -56,7 +59,16 @@ from processors.transcript import Turn, TurnReader, clip
 MAX_TURNS = 100
 MAX_TURN_CHARS = 6_000
 MAX_TRANSCRIPT_CHARS = 60_000
-MAX_ITEMS = 100
+# Items per answer, told to the model and enforced (items past it are dropped and counted).
+# It must fit in the answer's output limit (`MAX_OUTPUT_TOKENS`, 4096): an item at the sizes
+# the prompt allows (a few-word title, up to three sentences of content, a quote of up to 300
+# characters, a handful of entities, the JSON keys and the domain) is about 1,100 characters,
+# under 370 tokens even at 3 characters a token, so 10 items need at most ~3,700 tokens. A
+# bigger cap would have answers cut off at the limit, which makes the whole answer invalid
+# JSON; a higher limit would not fit the context of many self-hosted models next to a 60k
+# character transcript. Sessions rarely hold more than a few verified facts.
+MAX_ITEMS = 10
+ITEM_TOKENS_ESTIMATE = 370
 RETRY_ECHO_CHARS = 2_000
 
 DetectionType = Literal["correction", "confirmation", "unprompted_definition"]
@@ -98,6 +110,7 @@ VERIFICATION_SESSIONS = Table(
         ("redactions", "INTEGER"),
         ("items", "INTEGER"),
         ("quotes_rejected", "INTEGER"),
+        ("invalid_items", "INTEGER"),
         ("provider", "VARCHAR"),
         ("model", "VARCHAR"),
         ("input_tokens", "BIGINT"),
@@ -182,7 +195,7 @@ Detection types:
 Extract only durable knowledge that would help colleagues later (what data means, how a \
 system behaves, business rules, who owns what, conventions). Do not extract requests, plans, \
 opinions, or anything only the ASSISTANT said. When in doubt, leave it out: an empty list is \
-a good answer.
+a good answer. Give at most 10 items; if there are more, keep the most useful ones.
 
 Answer with one JSON object and nothing else (no prose, no code fence):
 {"items": [{"detection_type": "correction" | "confirmation" | "unprompted_definition", \
@@ -236,9 +249,22 @@ class ExtractedItem(BaseModel):
 
 
 class ExtractedAnswer(BaseModel):
+    """The answer's envelope; its items are validated one by one, so one bad item does not
+    cost the good ones."""
+
     model_config = ConfigDict(extra="ignore")
 
-    items: list[ExtractedItem] = Field(max_length=MAX_ITEMS)
+    items: list[Any]
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    """The items that match the schema, how many were dropped (not matching it, or past
+    `MAX_ITEMS`), and why the first one was."""
+
+    items: list[ExtractedItem]
+    invalid: int = 0
+    problem: str | None = None
 
 
 def _describe_validation(error: ValidationError) -> str:
@@ -250,8 +276,9 @@ def _describe_validation(error: ValidationError) -> str:
     return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
 
 
-def parse_answer(completion: Completion) -> list[ExtractedItem]:
-    """The items in a model answer; `InvalidOutputError` with a one-line reason otherwise."""
+def parse_answer(completion: Completion) -> ParsedAnswer:
+    """The valid items in a model answer, the invalid ones counted; `InvalidOutputError` with
+    a one-line reason when the answer itself is unusable (not JSON, no `items` list)."""
     cut = " (the answer was cut off at the output token limit)" if completion.truncated else ""
     text = strip_code_fence(completion.text)
     if not text:
@@ -261,11 +288,27 @@ def parse_answer(completion: Completion) -> list[ExtractedItem]:
     except orjson.JSONDecodeError as error:
         raise InvalidOutputError(f"the answer is not JSON ({error}){cut}") from None
     try:
-        return ExtractedAnswer.model_validate(data).items
+        raw_items = ExtractedAnswer.model_validate(data).items
     except ValidationError as error:
         raise InvalidOutputError(
             f"the answer does not match the schema: {_describe_validation(error)}"
         ) from None
+    items: list[ExtractedItem] = []
+    invalid = 0
+    problem: str | None = None
+    for index, raw in enumerate(raw_items):
+        try:
+            item = ExtractedItem.model_validate(raw)
+        except ValidationError as error:
+            invalid += 1
+            problem = problem or f"items.{index}: {_describe_validation(error)}"
+            continue
+        if len(items) == MAX_ITEMS:
+            invalid += 1
+            problem = problem or f"more than {MAX_ITEMS} items"
+            continue
+        items.append(item)
+    return ParsedAnswer(items, invalid, problem)
 
 
 # --- turns and the prompt --------------------------------------------------------------------
@@ -436,14 +479,20 @@ def find_quote(quote: str, turns: Sequence[Turn]) -> QuoteMatch | None:
     return None
 
 
-def ask(llm: LLMSession, prompt: Prompt) -> tuple[list[ExtractedItem], Completion]:
-    """The model's items; an invalid answer is asked again once, with the reason."""
+def ask(llm: LLMSession, prompt: Prompt) -> tuple[ParsedAnswer, Completion]:
+    """The model's items. An unusable answer, or one whose every item is invalid, is asked
+    again once with the reason; the second answer's valid items are kept whatever the rest
+    (a model repeating one bad item must not fail, then quarantine, the session)."""
     messages = [{"role": "user", "content": prompt.user}]
     answer = llm.complete(prompt.system, messages)
     try:
-        return parse_answer(answer), answer
+        parsed = parse_answer(answer)
     except InvalidOutputError as error:
-        first_error = error
+        first_error: InvalidOutputError | str = error
+    else:
+        if parsed.items or not parsed.invalid:
+            return parsed, answer
+        first_error = f"no item matches the schema ({parsed.problem})"
     messages += [
         {"role": "assistant", "content": clip(answer.text, RETRY_ECHO_CHARS) or "(empty)"},
         {"role": "user", "content": RETRY_PROMPT.format(error=first_error)},
@@ -510,7 +559,7 @@ class VerificationProcessor:
     """Extracts user-verified knowledge from each session with an LLM."""
 
     name = "verification"
-    version = "1"
+    version = "2"  # 2: verbatim quotes, invalid items dropped and counted, at most 10 items
     cadence_seconds = 900
     read_threads = 4  # batches in flight at once: the time goes in waiting for the LLM
     tables: tuple[Table, ...] = (VERIFICATION_EVIDENCE, VERIFICATION_SESSIONS)
@@ -534,6 +583,7 @@ class VerificationProcessor:
             "redactions": 0,
             "items": 0,
             "quotes_rejected": 0,
+            "invalid_items": 0,
             "provider": config.provider,
             "model": config.model,
             "input_tokens": 0,
@@ -544,16 +594,19 @@ class VerificationProcessor:
         if prompt.has_user_speech:
             with LLMSession(config) as llm:
                 try:
-                    items, answer = ask(llm, prompt)
+                    parsed, answer = ask(llm, prompt)
                 except LLMError as error:
                     raise _with_spend(error, llm) from None
-                evidence, rejected = evidence_rows(session, session_id, items, prompt, answer.model)
+                evidence, rejected = evidence_rows(
+                    session, session_id, parsed.items, prompt, answer.model
+                )
                 summary.update(
                     turns_sent=len(prompt.turns),
                     chars_sent=prompt.chars,
                     redactions=prompt.redactions,
                     items=len(evidence),
                     quotes_rejected=rejected,
+                    invalid_items=parsed.invalid,
                     model=answer.model,
                     input_tokens=llm.input_tokens,
                     output_tokens=llm.output_tokens,

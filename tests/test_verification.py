@@ -23,10 +23,12 @@ from flows.pipeline import run_direct
 from flows.work import to_columns
 from processors import llm, registry
 from processors.base import ProcessResult
-from processors.llm import NOT_CONFIGURED, LLMBudgetError, LLMError
+from processors.llm import MAX_OUTPUT_TOKENS, NOT_CONFIGURED, LLMBudgetError, LLMError
 from processors.session import Session
 from processors.transcript import Turn, read_turns, user_texts
 from processors.verification import (
+    ITEM_TOKENS_ESTIMATE,
+    MAX_ITEMS,
     MAX_TRANSCRIPT_CHARS,
     SYSTEM_PROMPT,
     VerificationProcessor,
@@ -393,18 +395,79 @@ def invalid_schema(_request: Received) -> Reply:
     return items_answer({**NET_REVENUE, "domain": "marketing"})
 
 
-def test_invalid_output_twice_fails_the_session_then_quarantines_it(
+def test_an_invalid_item_is_dropped_and_counted_and_the_rest_kept(
+    server: FakeLLM, data_dir: Path
+) -> None:
+    path = write(data_dir, "alice/ledger.jsonl", ledger_session("s-one-bad"))
+    server.queue(items_answer(NET_REVENUE, {**LEDGER_TRUTH, "domain": "marketing"}, REFUND_MONTH))
+    result = process(path, "alice/ledger.jsonl")
+    titles = {row["title"] for row in result.rows["verification_evidence"]}
+    assert titles == {NET_REVENUE["title"], REFUND_MONTH["title"]}
+    summary = session_row(result)
+    assert (summary["items"], summary["invalid_items"], summary["llm_calls"]) == (2, 1, 1)
+
+
+def test_a_model_repeating_an_invalid_item_does_not_fail_the_session(
     server: FakeLLM, data_dir: Path, db: Path
 ) -> None:
+    """Every item invalid: asked again once with the reason; the same answer again is
+    accepted with nothing extracted and the item counted, never a failed session."""
     write(data_dir, "alice/ledger.jsonl", ledger_session("s-invalid"))
     server.responder = invalid_schema
+    figures = run_direct(VerificationProcessor(), data_dir, db, max_attempts=3)
+    assert (figures.processed, figures.errors, figures.items_extracted) == (1, 0, 0)
+    retry = server.received[1].body["messages"][-1]["content"]
+    assert "no item matches the schema" in retry and "items.0: domain" in retry
+    with connect(db) as con:
+        assert con.execute(
+            "SELECT items, invalid_items, llm_calls FROM verification_sessions"
+        ).fetchall() == [(0, 1, 2)]
+    assert len(server.received) == 2
+
+
+def test_items_past_the_cap_are_dropped_and_counted(server: FakeLLM, data_dir: Path) -> None:
+    path = write(data_dir, "alice/ledger.jsonl", ledger_session("s-many"))
+    many = [{**NET_REVENUE, "title": f"fact {n}"} for n in range(MAX_ITEMS + 2)]
+    server.queue(items_answer(*many))
+    result = process(path, "alice/ledger.jsonl")
+    assert result.items == MAX_ITEMS
+    assert session_row(result)["invalid_items"] == 2
+
+
+def test_the_item_cap_fits_in_the_output_token_limit(server: FakeLLM, data_dir: Path) -> None:
+    """The prompt's cap, at the largest sizes it asks for, fits in `max_tokens`: a longer
+    answer would be cut off, and a cut-off answer is not JSON."""
+    assert f"at most {MAX_ITEMS} items" in SYSTEM_PROMPT
+    largest = {
+        "detection_type": "unprompted_definition",
+        "title": "Net revenue excludes VAT and refunds booked by payout",  # a few words
+        "content": " ".join(
+            ["Finance computes net revenue from orders.amount_net minus refunds by paid_at."] * 3
+        ),
+        "user_quote": "q" * 300,
+        "domain": "infrastructure",
+        "entities": ["orders.amount_net", "refunds.paid_at", "finance dashboard", "ledger"] * 2,
+    }
+    chars = len(orjson.dumps({"items": [largest] * MAX_ITEMS}))
+    assert chars / 3 <= MAX_ITEMS * ITEM_TOKENS_ESTIMATE <= MAX_OUTPUT_TOKENS
+    path = write(data_dir, "alice/ledger.jsonl", ledger_session("s-cap"))
+    server.queue(items_answer())
+    process(path, "alice/ledger.jsonl")
+    assert server.received[0].body["max_tokens"] == MAX_OUTPUT_TOKENS
+
+
+def test_unusable_output_twice_fails_the_session_then_quarantines_it(
+    server: FakeLLM, data_dir: Path, db: Path
+) -> None:
+    write(data_dir, "alice/ledger.jsonl", ledger_session("s-unusable"))
+    server.responder = lambda _request: answer("I could not find anything worth extracting.")
     processor = VerificationProcessor()
 
     figures = run_direct(processor, data_dir, db, max_attempts=3)
     assert (figures.processed, figures.errors, figures.items_extracted) == (0, 1, 0)
     (detail,) = figures.errors_detail
     assert detail["session"] == "alice/ledger.jsonl"
-    assert "LLM output invalid twice" in detail["error"] and "items.0.domain" in detail["error"]
+    assert "LLM output invalid twice" in detail["error"] and "not JSON" in detail["error"]
     assert "2 request(s), 2400 input + 300 output tokens spent" in detail["error"]
     with connect(db) as con:
         assert con.execute(
@@ -489,7 +552,7 @@ def test_retries_and_reprocessing_never_duplicate_evidence_and_keep_reviews(
     assert _evidence(db) == rows
 
     bumped = VerificationProcessor()
-    bumped.version = "2"
+    bumped.version = f"{processor.version}+1"
     assert run_direct(bumped, data_dir, db, max_attempts=3).processed == 2
     assert _evidence(db) == rows
 
