@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from processors.base import ColumnRows, Increment, ProcessResult, Table, WholeReadNeeded
-from processors.pricing import cost_usd
+from processors.pricing import PRICE_OVERRIDES_DDL, PRICES_VIEW, cost_sql, price_model
 from processors.session import Session
 from processors.transcript import tag_text
 
@@ -72,8 +72,11 @@ USAGE_EVENTS = Table(
     key=("event_id",),
 )
 
+# Requests and session summaries are stored without costs (`…_raw`); the views of the same
+# names without `_raw` price them at query time (see processors/pricing.py), so a price change
+# reprocesses nothing.
 USAGE_REQUESTS = Table(
-    name="usage_requests",
+    name="usage_requests_raw",
     columns=(
         ("session_file", "VARCHAR"),
         ("username", "VARCHAR"),
@@ -81,13 +84,13 @@ USAGE_REQUESTS = Table(
         ("message_id", "VARCHAR"),
         ("request_id", "VARCHAR"),
         ("model", "VARCHAR"),
+        ("price_model", "VARCHAR"),  # the model id its price is looked up by
         ("input_tokens", "BIGINT"),
         ("output_tokens", "BIGINT"),
         ("cache_creation_input_tokens", "BIGINT"),
         ("cache_read_input_tokens", "BIGINT"),
         ("cache_creation_5m_input_tokens", "BIGINT"),
         ("cache_creation_1h_input_tokens", "BIGINT"),
-        ("cost_usd", "DOUBLE"),
         ("stop_reason", "VARCHAR"),
         ("service_tier", "VARCHAR"),
         ("is_sidechain", "BOOLEAN"),
@@ -98,12 +101,13 @@ USAGE_REQUESTS = Table(
 )
 
 USAGE_SESSIONS = Table(
-    name="usage_sessions",
+    name="usage_sessions_raw",
     columns=(
         ("session_file", "VARCHAR"),
         ("username", "VARCHAR"),
         ("session_id", "VARCHAR"),
         ("agent_id", "VARCHAR"),
+        ("workflow_id", "VARCHAR"),  # `<session>/subagents/workflows/<workflow_id>/…`
         ("is_subagent", "BOOLEAN"),
         ("agent_type", "VARCHAR"),
         ("started_at", "TIMESTAMPTZ"),
@@ -126,7 +130,6 @@ USAGE_SESSIONS = Table(
         ("output_tokens", "BIGINT"),
         ("cache_creation_input_tokens", "BIGINT"),
         ("cache_read_input_tokens", "BIGINT"),
-        ("cost_usd", "DOUBLE"),
         ("cwd", "VARCHAR"),
         ("git_branch", "VARCHAR"),
         ("claude_version", "VARCHAR"),
@@ -134,7 +137,38 @@ USAGE_SESSIONS = Table(
     key=(),  # one row per file, recomputed and replaced whole by every increment
 )
 
-_REQUEST_COLUMNS = ", ".join(USAGE_REQUESTS.column_names)
+
+def _after(columns: tuple[str, ...], anchor: str, *added: str) -> list[str]:
+    """`columns` with `added` inserted after `anchor`."""
+    at = columns.index(anchor) + 1
+    return [*columns[:at], *added, *columns[at:]]
+
+
+_PRICED_REQUEST_COLUMNS = _after(
+    USAGE_REQUESTS.column_names, "cache_creation_1h_input_tokens", "cost_usd"
+)
+_REQUEST_COLUMNS = ", ".join(_PRICED_REQUEST_COLUMNS)
+
+# Each request with its cost at today's prices (NULL: no price for its model, or no tokens).
+USAGE_REQUESTS_VIEW = f"""CREATE OR REPLACE VIEW usage_requests AS
+SELECT {", ".join(c if c == "cost_usd" else f"r.{c}" for c in _PRICED_REQUEST_COLUMNS)}
+FROM (
+    SELECT r.*, {cost_sql("r", "p")} AS cost_usd
+    FROM usage_requests_raw r LEFT JOIN usage_prices p ON p.model = r.price_model
+) r"""
+
+# A file's summary with the cost of its requests: a sum of the priced ones, and how many are
+# not priced (a partial cost says so).
+USAGE_SESSIONS_VIEW = f"""CREATE OR REPLACE VIEW usage_sessions AS
+SELECT {", ".join(f"s.{c}" for c in USAGE_SESSIONS.column_names[:-3])},
+    c.cost_usd, coalesce(c.unpriced_requests, 0) AS unpriced_requests,
+    {", ".join(f"s.{c}" for c in USAGE_SESSIONS.column_names[-3:])}
+FROM usage_sessions_raw s
+LEFT JOIN (
+    SELECT session_file, sum(cost_usd) AS cost_usd,
+        count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced_requests
+    FROM usage_requests GROUP BY session_file
+) c ON c.session_file = s.session_file"""
 
 # Resumed sessions copy earlier lines into a new file, so one request can sit in two files.
 # Plain window-function SQL (no QUALIFY / EXCLUDE) so it also runs on PostgreSQL.
@@ -312,19 +346,13 @@ def _is_human_turn(line: Mapping[str, Any], content: object) -> bool:
 # it only rebuilds a few indexes. Events and requests are lists of column values in table order
 # (without session_file and username, which come from the path); every VARCHAR value is an
 # index into `strings` (ids, models and paths repeat across rows) and every TIMESTAMPTZ value is
-# integer microseconds since the epoch. A request entry ends with one more value: whether its
-# line had a usage object at all (unknown tokens: no cost, not a zero cost). Entries are never
-# changed in place but replaced, so the checkpoint handed in stays as it was (a retry can reuse
-# it) for the price of copying a few lists, not every entry.
+# integer microseconds since the epoch. Entries are never changed in place but replaced, so the
+# checkpoint handed in stays as it was (a retry can reuse it) for the price of copying a few
+# lists, not every entry.
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 KEEP_EVENTS = 512
 KEEP_REQUESTS = 128
-# Costs are summed exactly as integers in units of 2**-1074 (the smallest float), so the
-# summary's total does not depend on the order requests were added or replaced in, and an
-# increment's total is bit for bit a whole read's (then rounded once, correctly).
-_COST_SHIFT = 1074
-_COST_UNIT = 1 << _COST_SHIFT
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NAIVE_EPOCH = datetime(1970, 1, 1)
 _MICROSECOND = timedelta(microseconds=1)
@@ -393,16 +421,15 @@ _R_SERVICE_TIER = _REQUESTS.at("service_tier")
 _R_MESSAGE = _REQUESTS.at("message_id")
 _R_REQUEST = _REQUESTS.at("request_id")
 _R_MODEL = _REQUESTS.at("model")
+_R_PRICE_MODEL = _REQUESTS.at("price_model")
 _R_INPUT = _REQUESTS.at("input_tokens")
 _R_OUTPUT = _REQUESTS.at("output_tokens")
 _R_CACHE_WRITE = _REQUESTS.at("cache_creation_input_tokens")
 _R_CACHE_READ = _REQUESTS.at("cache_read_input_tokens")
 _R_WRITE_5M = _REQUESTS.at("cache_creation_5m_input_tokens")
 _R_WRITE_1H = _REQUESTS.at("cache_creation_1h_input_tokens")
-_R_COST = _REQUESTS.at("cost_usd")
 _R_STOP = _REQUESTS.at("stop_reason")
 _R_AT = _REQUESTS.at("occurred_at")
-_R_HAS_USAGE = len(_REQUESTS.fields)  # the extra value after the columns
 _SUMMED = (
     ("input_tokens", _R_INPUT),
     ("output_tokens", _R_OUTPUT),
@@ -438,20 +465,6 @@ def _score(entry: list[Any]) -> tuple[bool, int]:
     )
 
 
-def _priced(entry: list[Any]) -> tuple[int, int, int, int, int]:
-    """(input, output, cache write 5m, cache write 1h, cache read) as priced. Without the
-    5m/1h split every cache write is priced at the 5m rate."""
-    write_5m, write_1h = entry[_R_WRITE_5M], entry[_R_WRITE_1H]
-    has_split = write_5m is not None or write_1h is not None
-    return (
-        entry[_R_INPUT] or 0,
-        entry[_R_OUTPUT] or 0,
-        (write_5m or 0) if has_split else (entry[_R_CACHE_WRITE] or 0),
-        write_1h or 0,
-        entry[_R_CACHE_READ] or 0,
-    )
-
-
 def _replace(
     entries: list[list[Any]], before: dict[int, list[Any] | None], index: int, entry: list[Any]
 ) -> None:
@@ -468,11 +481,6 @@ def _changed(
     return sorted(
         i for i, old in before.items() if old is None or old[:width] != entries[i][:width]
     )
-
-
-def _exact(cost: float) -> int:
-    numerator, denominator = cost.as_integer_ratio()  # denominator: a power of two
-    return numerator << (_COST_SHIFT - denominator.bit_length() + 1)
 
 
 def _digest(text: str) -> int:
@@ -496,8 +504,6 @@ def _empty_totals() -> dict[str, Any]:
         "skills": [],  # distinct skill names, sorted
         "models": {},  # model -> [requests, ordinal of its first request]
         "tokens": [0, 0, 0, 0],  # in _SUMMED order
-        "priced": 0,  # requests with a cost
-        "cost": "0",  # their exact sum in units of 2**-1074, hex
     }
 
 
@@ -822,8 +828,7 @@ class _UsageState:
     ) -> None:
         """Keep the most complete line of a request: a streamed response repeats its ids on
         every line, with placeholder figures until the last."""
-        raw_usage = message.get("usage")
-        usage = _dict(raw_usage)
+        usage = _dict(message.get("usage"))
         input_tokens = _int(usage.get("input_tokens"))
         output_tokens = _int(usage.get("output_tokens"))
         cache_write = _int(usage.get("cache_creation_input_tokens"))
@@ -835,9 +840,8 @@ class _UsageState:
         if has_split and cache_write is None:
             cache_write = (write_5m or 0) + (write_1h or 0)
         intern = self._id
-        # Built in place, not packed from a dict: this runs for every streamed line. The cost
-        # is left to `increment`, which prices each changed request once, not once per line.
-        entry: list[Any] = [None] * (_R_HAS_USAGE + 1)
+        # Built in place, not packed from a dict: this runs for every streamed line.
+        entry: list[Any] = [None] * len(_REQUESTS.fields)
         entry[_R_INPUT] = input_tokens
         entry[_R_OUTPUT] = output_tokens
         entry[_R_CACHE_WRITE] = cache_write
@@ -854,6 +858,7 @@ class _UsageState:
             if previous[_R_MODEL] is None and model is not None:
                 filled = previous[:]
                 filled[_R_MODEL] = intern(model)
+                filled[_R_PRICE_MODEL] = intern(price_model(model))
                 _replace(self.requests, self.requests_before, index, filled)
             return
         entry[_R_SESSION_ID] = intern(common["session_id"])
@@ -862,15 +867,16 @@ class _UsageState:
         entry[_R_MESSAGE], entry[_R_REQUEST] = key
         if model is not None:
             entry[_R_MODEL] = intern(model)
+            entry[_R_PRICE_MODEL] = intern(price_model(model))
         elif previous is not None:
             entry[_R_MODEL] = previous[_R_MODEL]
+            entry[_R_PRICE_MODEL] = previous[_R_PRICE_MODEL]
         if has_split:
             entry[_R_WRITE_5M], entry[_R_WRITE_1H] = write_5m, write_1h
         entry[_R_SERVICE_TIER] = intern(_str(usage.get("service_tier")))
         # The first line of the response, not the most complete one.
         first_seen = previous[_R_AT] if previous is not None else None
         entry[_R_AT] = first_seen if first_seen is not None else at
-        entry[_R_HAS_USAGE] = isinstance(raw_usage, dict)
         if index is None or previous is None:
             self.request_at[key] = index = len(self.requests)
             self.requests.append(entry)
@@ -878,25 +884,11 @@ class _UsageState:
         else:
             _replace(self.requests, self.requests_before, index, entry)
 
-    def _cost(self, entry: list[Any]) -> float | None:
-        if not entry[_R_HAS_USAGE]:
-            return None
-        return cost_usd(self._text(entry[_R_MODEL]), *_priced(entry))
-
-    def _price_changed(self) -> None:
-        """Fill in the cost of every request this read added or replaced. Those entries are
-        new lists made by this read, so setting the value in place leaves the checkpoint
-        handed in untouched."""
-        for index in self.requests_before:
-            entry = self.requests[index]
-            entry[_R_COST] = self._cost(entry)
-
     # --- results ---
 
     def increment(self, session: Session) -> Increment:
         """The rows this read added or changed, the summary, and the state to continue from."""
         data = self.data
-        self._price_changed()
         data["malformed_lines"] += session.malformed_lines
         if data["agent_type"] is None:
             data["agent_type"] = read_agent_type(session)
@@ -936,7 +928,6 @@ class _UsageState:
             if event_type != _SLASH:
                 was_error = old is not None and old[_E_IS_ERROR] is True
                 totals["tool_errors"] += (entry[_E_IS_ERROR] is True) - was_error
-        cost = int(totals["cost"], 16)
         for index, old in self.requests_before.items():
             entry = self.requests[index]
             if old is None:
@@ -956,14 +947,9 @@ class _UsageState:
                 counted[0] += 1
                 counted[1] = min(counted[1], ordinal)
             for sign, counted in ((-1, old), (1, entry)):
-                if counted is None:
-                    continue
-                for position, (_, i) in enumerate(_SUMMED):
-                    tokens[position] += sign * (counted[i] or 0)
-                if counted[_R_COST] is not None:
-                    totals["priced"] += sign
-                    cost += sign * _exact(counted[_R_COST])
-        totals["cost"] = format(cost, "x")
+                if counted is not None:
+                    for position, (_, i) in enumerate(_SUMMED):
+                        tokens[position] += sign * (counted[i] or 0)
         totals["tools"], totals["skills"] = sorted(tools), sorted(skills)
 
     def checkpoint(self) -> dict[str, Any]:
@@ -1047,6 +1033,7 @@ class _UsageState:
             "username": session.username,
             "session_id": session.session_id or data["session_id"],
             "agent_id": session.agent_id,
+            "workflow_id": session.workflow_id,
             "is_subagent": session.is_subagent,
             "agent_type": data["agent_type"],
             "started_at": _iso(_from_micros(spans[0][0])) if spans else None,
@@ -1067,7 +1054,6 @@ class _UsageState:
             "distinct_skills": len(totals["skills"]),
             "primary_model": primary,
             **{name: totals["tokens"][n] for n, (name, _) in enumerate(_SUMMED)},
-            "cost_usd": int(totals["cost"], 16) / _COST_UNIT if totals["priced"] else None,
             "cwd": data["cwd"],
             "git_branch": data["git_branch"],
             "claude_version": data["claude_version"],
@@ -1098,13 +1084,19 @@ class UsageProcessor:
     """
 
     name = "usage"
-    # 2: summary totals kept running (cost summed exactly, primary-model ties by name) and
-    # checkpoints that keep only recent entries.
-    version = "2"
+    # 3: costs priced by views at query time (price_model stored instead of cost_usd), the
+    # workflow id of workflow subagents.
+    version = "3"
     cadence_seconds = 600
     append_safe = True
     tables: tuple[Table, ...] = (USAGE_EVENTS, USAGE_REQUESTS, USAGE_SESSIONS)
-    views: tuple[str, ...] = (USAGE_REQUESTS_UNIQUE_VIEW,)
+    views: tuple[str, ...] = (
+        PRICE_OVERRIDES_DDL,
+        PRICES_VIEW,
+        USAGE_REQUESTS_VIEW,
+        USAGE_REQUESTS_UNIQUE_VIEW,
+        USAGE_SESSIONS_VIEW,
+    )
 
     def process(self, session: Session) -> ProcessResult:
         increment = self.process_increment(session, None)

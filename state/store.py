@@ -123,10 +123,20 @@ def ensure_outputs(con: duckdb.DuckDBPyConnection, processor: Processor) -> list
 
     A table whose DDL changed since it was created is dropped and recreated, and every state
     row of that processor is marked stale so the next run refills it: output rows always
-    match the current schema and a clean processing of each session. Returns the rebuilt
-    table names.
+    match the current schema and a clean processing of each session. A table the processor
+    no longer declares is dropped too (its name may now be one of its views). Returns the
+    rebuilt and dropped table names.
     """
     rebuilt: list[str] = []
+    current = {table.name for table in processor.tables}
+    for (name,) in con.execute(
+        "SELECT table_name FROM processor_tables WHERE processor_name = ? ORDER BY 1",
+        [processor.name],
+    ).fetchall():
+        if name not in current:
+            con.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
+            con.execute("DELETE FROM processor_tables WHERE table_name = ?", [name])
+            rebuilt.append(name)
     for table in processor.tables:
         row = con.execute(
             "SELECT processor_name, ddl FROM processor_tables WHERE table_name = ?",

@@ -291,7 +291,7 @@ def test_usage_never_raises_and_its_rows_fit_and_commit(
     processor = UsageProcessor()
     result = processor.process(_session(data, key))
     columns = to_columns(processor.tables, result)
-    (summary,) = result.rows["usage_sessions"]
+    (summary,) = result.rows["usage_sessions_raw"]
     assert summary["lines"] + summary["malformed_lines"] == len(lines)
     _commit(memory_db, key, data, columns, result.items)  # DuckDB takes every value too
     stored = memory_db.execute(

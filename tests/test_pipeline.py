@@ -15,6 +15,7 @@ from flows.pipeline import run_direct
 from processors.base import ProcessResult, Table
 from processors.session import Session
 from state.db import connect
+from state.migrations import migrate
 from tests.conftest import user_line, write_session
 
 
@@ -464,3 +465,47 @@ def test_a_run_with_nothing_to_read_ends_on_its_planning_connection(
         assert con.execute(
             "SELECT status FROM processor_runs WHERE run_id = ?", [run_id]
         ).fetchall() == [("failed",)]
+
+
+def test_usage_tables_of_an_older_version_become_views_and_are_refilled(
+    data_dir: Path, db: Path
+) -> None:
+    """usage 2 stored costs in tables `usage_requests` and `usage_sessions`; those names are
+    views now. An old state upgrades in place: the old tables go, every session is read again."""
+    from processors.usage import UsageProcessor
+
+    write_session(data_dir, "alice/s1.jsonl", [user_line("hi")])
+    with connect(db) as con:
+        migrate(con)
+        for name in ("usage_requests", "usage_sessions"):
+            ddl = f"CREATE TABLE {name} (session_file VARCHAR, cost_usd DOUBLE)"
+            con.execute(ddl)
+            con.execute(f"INSERT INTO {name} VALUES ('alice/s1.jsonl', 1.0)")
+            con.execute(
+                "INSERT INTO processor_tables (processor_name, table_name, ddl) VALUES ('usage', ?, ?)",
+                [name, ddl],
+            )
+        con.execute(
+            "INSERT INTO session_processor_state (processor_name, session_file, status, "
+            "processor_version, file_hash) VALUES ('usage', 'alice/s1.jsonl', 'ok', '3', 'x')"
+        )
+    figures = run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
+    assert figures.processed == 1
+    with connect(db) as con:
+        kinds = dict(
+            con.execute(
+                "SELECT table_name, table_type FROM information_schema.tables "
+                "WHERE table_name IN ('usage_requests', 'usage_sessions', 'usage_sessions_raw')"
+            ).fetchall()
+        )
+        assert kinds == {
+            "usage_requests": "VIEW",
+            "usage_sessions": "VIEW",
+            "usage_sessions_raw": "BASE TABLE",
+        }
+        assert con.execute(
+            "SELECT session_file, cost_usd, unpriced_requests FROM usage_sessions"
+        ).fetchall() == [("alice/s1.jsonl", None, 0)]
+        assert con.execute(
+            "SELECT count(*) FROM processor_tables WHERE table_name = 'usage_requests'"
+        ).fetchall() == [(0,)]

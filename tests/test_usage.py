@@ -39,26 +39,65 @@ def events(result: ProcessResult) -> list[dict[str, Any]]:
     return [dict(row) for row in result.rows["usage_events"]]
 
 
+def priced(result: ProcessResult) -> duckdb.DuckDBPyConnection:
+    """The result's rows in a DuckDB of their own, with the processor's views (costs are
+    priced by SQL, not by the processor)."""
+    con = duckdb.connect()
+    processor = UsageProcessor()
+    for table in processor.tables:
+        con.execute(table.ddl)
+        rows = result.rows.get(table.name, [])
+        if rows:
+            names = table.column_names
+            con.executemany(
+                f"INSERT INTO {table.name} VALUES ({', '.join('?' * len(names))})",
+                [[row.get(name) for name in names] for row in rows],
+            )
+    for view in processor.views:
+        con.execute(view)
+    return con
+
+
 def requests(result: ProcessResult) -> list[dict[str, Any]]:
-    return [dict(row) for row in result.rows["usage_requests"]]
+    """The processor's request rows, each with its cost from the `usage_requests` view."""
+    costs = dict(
+        ((m, r), cost)
+        for m, r, cost in priced(result)
+        .execute("SELECT message_id, request_id, cost_usd FROM usage_requests")
+        .fetchall()
+    )
+    return [
+        {**row, "cost_usd": costs[(row["message_id"], row["request_id"])]}
+        for row in result.rows["usage_requests_raw"]
+    ]
 
 
 def summary(result: ProcessResult) -> dict[str, Any]:
-    (row,) = result.rows["usage_sessions"]
-    return dict(row)
+    """The processor's summary row with its cost and unpriced requests from the view."""
+    (row,) = result.rows["usage_sessions_raw"]
+    ((cost, unpriced),) = (
+        priced(result).execute("SELECT cost_usd, unpriced_requests FROM usage_sessions").fetchall()
+    )
+    return {**row, "cost_usd": cost, "unpriced_requests": unpriced}
 
 
 def test_processor_shape() -> None:
     processor = UsageProcessor()
     assert isinstance(processor, Processor)
-    assert (processor.name, processor.version, processor.cadence_seconds) == ("usage", "2", 600)
+    assert (processor.name, processor.version, processor.cadence_seconds) == ("usage", "3", 600)
     assert [t.name for t in processor.tables] == [
         "usage_events",
-        "usage_requests",
-        "usage_sessions",
+        "usage_requests_raw",
+        "usage_sessions_raw",
     ]
     assert all(isinstance(t, Table) for t in processor.tables)
-    assert processor.views[0].startswith("CREATE OR REPLACE VIEW usage_requests_unique AS")
+    assert [view.split("(", 1)[0].split(" AS", 1)[0].split()[-1] for view in processor.views] == [
+        "usage_price_overrides",
+        "usage_prices",
+        "usage_requests",
+        "usage_requests_unique",
+        "usage_sessions",
+    ]
 
 
 def test_streamed_response_counts_tokens_once_from_the_complete_line(tmp_path: Path) -> None:
@@ -479,6 +518,8 @@ def test_session_summary_numbers(tmp_path: Path) -> None:
         "output_tokens": 300,
         "cache_creation_input_tokens": 1000,
         "cache_read_input_tokens": 13000,
+        "unpriced_requests": 0,
+        "workflow_id": None,
         "cwd": "/home/alice/src/shop",
         "git_branch": "feature/checkout",
         "claude_version": "2.0.14",

@@ -148,7 +148,7 @@ def read_in_steps(
                 if checkpoint is not None:  # unchanged rows are never returned again
                     assert merged[table.name].get(k) != values(table, row), (table.name, k, cuts)
                 merged[table.name][k] = values(table, row)
-        assert len(step.rows["usage_sessions"]) == 1
+        assert len(step.rows["usage_sessions_raw"]) == 1
         start, checkpoint, items = step.complete_offset, step.checkpoint, step.items
         reads += 1
     return {name: ordered(rows.values()) for name, rows in merged.items()}, items, reads, wholes
@@ -335,7 +335,7 @@ def test_tricky_transcript_split_anywhere(tmp_path: Path) -> None:
     assert_increments_match_whole(path, key, seed="tricky")
     # The tail is an append in progress: read by no one until its newline arrives.
     with Session.open(path, key=key) as session:
-        row = PROCESSOR.process(session).rows["usage_sessions"][0]
+        row = PROCESSOR.process(session).rows["usage_sessions_raw"][0]
     assert (row["malformed_lines"], row["lines"], row["slash_commands"]) == (1, 34, 3)
     assert (row["tool_errors"], row["primary_model"]) == (2, SONNET)
 
@@ -370,8 +370,8 @@ def test_contract_and_keys() -> None:
     keys = {t.name: t.key for t in TABLES}
     assert keys == {
         "usage_events": ("event_id",),
-        "usage_requests": ("message_id", "request_id"),
-        "usage_sessions": (),
+        "usage_requests_raw": ("message_id", "request_id"),
+        "usage_sessions_raw": (),
     }
 
 
@@ -382,8 +382,8 @@ def test_an_increment_without_new_lines_returns_only_the_session_row(samples: Pa
     with path.open("ab") as f:
         f.write(b'{"type": "user", "mess')  # an unfinished line is not a new line
     again = read(path, key, first.complete_offset, first.checkpoint)
-    assert again.rows["usage_events"] == [] and again.rows["usage_requests"] == []
-    assert again.rows["usage_sessions"] == first.rows["usage_sessions"]
+    assert again.rows["usage_events"] == [] and again.rows["usage_requests_raw"] == []
+    assert again.rows["usage_sessions_raw"] == first.rows["usage_sessions_raw"]
     assert (again.items, again.complete_offset) == (first.items, first.complete_offset)
     assert again.checkpoint == first.checkpoint
 
@@ -417,8 +417,8 @@ def test_a_late_tool_result_returns_just_that_event_with_is_error(tmp_path: Path
         "toolu_fail",
         True,
     )
-    assert second.rows["usage_requests"] == []
-    assert second.rows["usage_sessions"][0]["tool_errors"] == 1
+    assert second.rows["usage_requests_raw"] == []
+    assert second.rows["usage_sessions_raw"][0]["tool_errors"] == 1
 
 
 def test_a_response_streamed_across_the_boundary_is_counted_once(tmp_path: Path) -> None:
@@ -435,15 +435,15 @@ def test_a_response_streamed_across_the_boundary_is_counted_once(tmp_path: Path)
     path.parent.mkdir(parents=True)
     path.write_bytes((data + rest)[:cut])
     first = read(path, "alice/s.jsonl")
-    (partial,) = first.rows["usage_requests"]
+    (partial,) = first.rows["usage_requests_raw"]
     assert (partial["output_tokens"], partial["stop_reason"]) == (1, None)
     path.write_bytes(data + rest)
     second = read(path, "alice/s.jsonl", first.complete_offset, first.checkpoint)
-    (complete,) = second.rows["usage_requests"]
+    (complete,) = second.rows["usage_requests_raw"]
     assert (complete["output_tokens"], complete["stop_reason"]) == (420, "end_turn")
     assert complete["occurred_at"] == partial["occurred_at"]  # the response's first line
     assert [e["tool_use_id"] for e in second.rows["usage_events"]] == ["toolu_r"]
-    row = second.rows["usage_sessions"][0]
+    row = second.rows["usage_sessions_raw"][0]
     assert (row["assistant_messages"], row["output_tokens"], row["tool_calls"]) == (1, 420, 1)
 
 
@@ -480,7 +480,7 @@ def test_activity_spans_match_the_sorted_gaps_in_any_order(tmp_path: Path) -> No
             ts = (base + timedelta(microseconds=m)).isoformat()
             t.other({"type": "system", "subtype": "turn_duration", "timestamp": ts})
         path = t.write(tmp_path / "alice" / f"{trial}.jsonl")
-        (row,) = read(path, f"alice/{trial}.jsonl").rows["usage_sessions"]
+        (row,) = read(path, f"alice/{trial}.jsonl").rows["usage_sessions_raw"]
         ordered_micros = sorted(micros)
         gaps = [b - a for a, b in pairwise(ordered_micros) if b - a <= 300_000_000]
         assert row["active_seconds"] == sum(gaps) / 1_000_000, trial
