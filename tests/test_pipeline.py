@@ -509,3 +509,41 @@ def test_usage_tables_of_an_older_version_become_views_and_are_refilled(
         assert con.execute(
             "SELECT count(*) FROM processor_tables WHERE table_name = 'usage_requests'"
         ).fetchall() == [(0,)]
+
+
+def test_workflow_subagents_are_counted_with_their_workflow(data_dir: Path, db: Path) -> None:
+    """The exact layout newer Claude Code writes: a workflow subagent one folder deeper."""
+    from processors.usage import UsageProcessor
+    from tests.transcripts import Transcript, text, usage
+
+    sid = "0f1e2d3c-aaaa-bbbb-cccc-000000000001"
+    main = Transcript(sid)
+    main.user("Run the release workflow")
+    main.response([text("Starting.")], final_usage=usage(input_tokens=5, output_tokens=50))
+    main.write(data_dir / f"alice/{sid}.jsonl")
+    folder = data_dir / f"alice/{sid}/subagents/workflows/wf-42"
+    agent = Transcript(sid, agent_id="a7", is_sidechain=True)
+    agent.user("Check the changelog")
+    agent.response([text("Checked.")], final_usage=usage(input_tokens=7, output_tokens=70))
+    agent.write(folder / "agent-a7.jsonl")
+    (folder / "agent-a7.meta.json").write_text('{"agentType": "release-checker"}')
+
+    figures = run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
+    assert (figures.scanned, figures.processed) == (2, 2)
+    with connect(db) as con:
+        rows = con.execute(
+            "SELECT session_file, session_id, agent_id, workflow_id, is_subagent, agent_type, "
+            "output_tokens FROM usage_sessions ORDER BY 1"
+        ).fetchall()
+    assert rows == [
+        (f"alice/{sid}.jsonl", sid, None, None, False, None, 50),
+        (
+            f"alice/{sid}/subagents/workflows/wf-42/agent-a7.jsonl",
+            sid,
+            "a7",
+            "wf-42",
+            True,
+            "release-checker",
+            70,
+        ),
+    ]
