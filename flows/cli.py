@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 from processors import registry
@@ -98,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     processors = commands.add_parser("processors", help="registered processors and their state")
     processors.add_argument("--json", action="store_true", help="print as JSON")
+    _paths(processors)
+
+    forget = commands.add_parser(
+        "forget", help="delete the rows and state of sessions whose file is gone (`missing`)"
+    )
+    forget.add_argument("processor", nargs="?", help="processor name (default: every one)")
+    forget.add_argument("--session", help="only this session key, e.g. alice/abc.jsonl")
+    _paths(forget)
 
     migrate_cmd = commands.add_parser("migrate", help="create or upgrade the state database")
     _paths(migrate_cmd)
@@ -150,13 +159,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.all == bool(args.processor):
         raise _UsageError("give a processor name or --all, not both or neither")
     data_dir, db = config.data_dir(args.data_dir), config.db_path(args.db)
-    config.max_attempts(args.max_attempts)
+    config.check_run_settings(args.max_attempts)  # every setting, before any work
+    if args.all:
+        entries = registry.entries()
+        names = [e.name for e in entries if e.enabled]
+        for e in entries:
+            if not e.enabled:
+                print(f"{e.name}: skipped: {e.problem or 'disabled'}", file=sys.stderr)
+    else:
+        names = [registry.get(args.processor).name]
     check_data_dir(data_dir)
-    names = (
-        [e.name for e in registry.entries() if e.enabled]
-        if args.all
-        else [registry.get(args.processor).name]
-    )
     with connect(db) as con:  # fails fast, before Prefect starts, on a bad --db
         migrate(con)
     results = []
@@ -185,8 +197,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_db(flag: str | None) -> Path:
+    """The state database of a command that only reads or changes existing state: a path
+    with nothing there is an error (most likely a typo), never a new empty database."""
+    db = config.db_path(flag)
+    if not db.exists():
+        raise StateError(
+            f"no state yet at {db}: nothing has run there (`session-pipeline run --all` "
+            "creates it; or pass --db / SESSION_PIPELINE_DB)"
+        )
+    return db
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    db = config.db_path(args.db)
+    db = _existing_db(args.db)
     names = [e.name for e in registry.entries()]
     with connect(db) as con:
         migrate(con)
@@ -194,11 +218,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.__dict__ for r in rows], default=str, indent=2))
         return 0
-    header = ["processor", "known", "processed", "failed", "quarantined", "last run"]
+    header = ["processor", "known", "processed", "failed", "quarantined", "missing", "last run"]
     print(
         _table(
             [
-                [r.processor, r.known, r.processed, r.failed, r.quarantined, _when(r.last_run_at)]
+                [
+                    r.processor,
+                    r.known,
+                    r.processed,
+                    r.failed,
+                    r.quarantined,
+                    r.missing,
+                    _when(r.last_run_at)
+                    + (
+                        f" ({r.last_run_status})"
+                        if r.last_run_status not in (None, "completed")
+                        else ""
+                    ),
+                ]
                 for r in rows
             ],
             header,
@@ -213,7 +250,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
         raise registry.UnknownProcessorError(
             f"Unknown processor '{args.processor}'. Known: {', '.join(sorted(names)) or 'none'}"
         )
-    with connect(config.db_path(args.db)) as con:
+    with connect(_existing_db(args.db)) as con:
         migrate(con)
         count = store.release(
             con,
@@ -255,6 +292,25 @@ def cmd_processors(args: argparse.Namespace) -> int:
         for e in found
     ]
     print(_table(rows, ["processor", "version", "cadence", "state"]))
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    # Disabled processors too: their missing sessions are as gone as anyone's.
+    processors = [
+        e.processor
+        for e in registry.entries()
+        if e.processor is not None and args.processor in (None, e.name)
+    ]
+    if not processors:
+        registry.get(str(args.processor))  # says it is unknown, in the usual words
+    with connect(_existing_db(args.db)) as con:
+        migrate(con)
+        for processor in processors:
+            gone = store.forget_missing(con, processor, [args.session] if args.session else None)
+            print(f"{processor.name}: forgot {len(gone)} missing session(s)")
+            for key in gone[:20]:
+                print(f"  {key}")
     return 0
 
 
@@ -314,7 +370,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
-    with connect(config.db_path(args.db), read_only=True) as con:
+    with connect(_existing_db(args.db), read_only=True) as con:
         try:
             cursor = con.execute(args.sql)
         except duckdb.Error as error:
@@ -341,6 +397,7 @@ COMMANDS = {
     "status": cmd_status,
     "reprocess": cmd_reprocess,
     "processors": cmd_processors,
+    "forget": cmd_forget,
     "migrate": cmd_migrate,
     "query": cmd_query,
     "serve": cmd_serve,

@@ -43,6 +43,7 @@ class ProcessorHealth:
     stuck_age_seconds: float | None
     failed: int
     quarantined: int
+    missing: int = 0  # sessions whose file is gone from the data dir (their rows are kept)
 
 
 def _iso(ts: float | None) -> str | None:
@@ -130,6 +131,12 @@ def health(entries: Sequence[Entry], data_dir: Path, db: Path) -> dict[str, Any]
             settled[e.name] = store.load_settled(con, e.name, str(e.processor.version))
             unsettled = [f.key for f in found if (f.key, f.size, f.mtime_ns) not in settled[e.name]]
             states[e.name] = store.load_states(con, e.name, sorted({*unsettled, *failing}))
+        missing = dict(
+            con.execute(
+                "SELECT processor_name, count(*) FROM session_processor_state "
+                "WHERE status = 'missing' GROUP BY 1"
+            ).fetchall()
+        )
         runs = {
             row[0]: (row[1], row[2])
             for row in con.execute(
@@ -141,6 +148,8 @@ def health(entries: Sequence[Entry], data_dir: Path, db: Path) -> dict[str, Any]
         assess(e, found, states[e.name], runs.get(e.name, (None, None)), now, settled[e.name])
         for e in entries
     ]
+    for r in report:
+        r.missing = missing.get(r.processor, 0)
     worst = max((r.status for r in report), key=SEVERITY.__getitem__, default="ok")
     return {
         "status": "ok" if worst == "disabled" else worst,

@@ -27,8 +27,8 @@ from state import config, store
 from state.config import ConfigError
 from state.db import connect, transaction
 from state.migrations import migrate
-from state.plan import Candidate, Plan, plan
-from state.scan import scan_changed
+from state.plan import Candidate, Plan, StoredState, plan
+from state.scan import scan, scan_changed
 from state.store import Outcome, RunFigures
 
 log = logging.getLogger("session_pipeline.pipeline")
@@ -40,18 +40,40 @@ MAX_TASK_RUNS = 50
 MAX_BATCH = 2000
 
 
+LAYOUT = "<data-dir>/<user>/<session>.jsonl"
+
+
 def check_data_dir(data_dir: Path) -> None:
-    """A missing data dir is an empty one (all-zero figures); one that exists but cannot be
-    listed is a configuration error, not silently empty."""
+    """A data dir that is missing, unreadable or laid out one level too deep is a
+    configuration error, not an empty one (a typo must not pass as "scanned 0"). An empty
+    folder is valid: nobody has sessions yet."""
     if not data_dir.exists():
-        return
+        raise ConfigError(f"data dir {data_dir} does not exist (expected {LAYOUT})")
     if not data_dir.is_dir():
         raise ConfigError(f"data dir {data_dir} is not a directory")
     try:
-        with os.scandir(data_dir):
-            pass
+        with os.scandir(data_dir) as entries:
+            top = list(entries)
     except OSError as error:
         raise ConfigError(f"cannot read data dir {data_dir}: {error.strerror}") from None
+    if any(e.name.endswith(".jsonl") and e.is_file() for e in top) and not any(
+        _holds_sessions(e) for e in top
+    ):
+        raise ConfigError(
+            f"data dir {data_dir} holds .jsonl files itself but no user folders with "
+            f"sessions: expected {LAYOUT} (is it one user's folder, one level too deep?)"
+        )
+
+
+def _holds_sessions(entry: os.DirEntry[str]) -> bool:
+    """A user folder: a folder with `.jsonl` files directly inside."""
+    try:
+        if not entry.is_dir():
+            return False
+        with os.scandir(entry.path) as inside:
+            return any(e.name.endswith(".jsonl") for e in inside)
+    except OSError:
+        return False
 
 
 def prepare(
@@ -103,6 +125,7 @@ def _plan(
     del settled
     the_plan = Plan()
     saved: dict[str, bytes] = {}
+    states: dict[str, StoredState] = {}
     if changed:
         states = store.load_states(con, processor.name, [f.key for f in changed])
         the_plan = plan(changed, states, version, append_safe=is_append_safe(processor))
@@ -110,6 +133,19 @@ def _plan(
         saved = store.load_checkpoints(con, processor.name, appends)
     the_plan.scanned = scanned
     the_plan.unchanged += scanned - len(changed)
+    # Every unchanged file is known; when the state knows more sessions than are here, some
+    # files are gone: only then is the data dir walked again, for the keys of all of them.
+    here = scanned - len(changed) + sum(s.status != "missing" for s in states.values())
+    if store.present_count(con, processor.name) > here:
+        gone = store.mark_missing(con, processor.name, [f.key for f in scan(data_dir)])
+        if gone:
+            log.warning(
+                "%s: %d session file(s) are gone from the data dir (first: %s); their rows "
+                "are kept and their state is now 'missing'",
+                processor.name,
+                len(gone),
+                gone[0],
+            )
     if rebuilt:
         log.warning(
             "%s: output tables %s changed shape; every session will be reprocessed",
@@ -319,6 +355,7 @@ def begin(
     close a checkpoint, for the one ledger update."""
     ledger = LedgerEntry(flow_run_id or str(uuid.uuid4()), datetime.now(UTC), flow_run_id)
     started = time.monotonic()
+    config.check_run_settings(max_attempts)
     check_data_dir(data_dir)
     held: tuple[duckdb.DuckDBPyConnection, ExitStack] | None = None
     with ExitStack() as stack:

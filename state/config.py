@@ -61,3 +61,19 @@ def max_attempts(flag: int | None = None) -> int:
             raise ConfigError(f"max attempts must be a positive integer, got {flag}")
         return flag
     return positive_int("SESSION_PIPELINE_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS)
+
+
+DEFAULT_LOCK_TIMEOUT_SECONDS = 60
+
+
+def lock_timeout() -> int:
+    """`SESSION_PIPELINE_DB_LOCK_TIMEOUT`: seconds to wait for another process's DuckDB lock."""
+    return positive_int("SESSION_PIPELINE_DB_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_SECONDS)
+
+
+def check_run_settings(max_attempts_flag: int | None = None) -> None:
+    """Every setting a run reads, checked before it does any work: a bad value found half
+    way through would leave a new database and an open ledger row behind."""
+    max_attempts(max_attempts_flag)
+    commit_seconds()
+    lock_timeout()

@@ -29,9 +29,7 @@ from pathlib import Path
 
 import duckdb
 
-from state.config import positive_int
-
-DEFAULT_LOCK_TIMEOUT_SECONDS = 60
+from state.config import lock_timeout as config_lock_timeout
 
 
 class StateError(Exception):
@@ -51,9 +49,7 @@ def connect(
     database must exist, and nothing can be changed through it unless this process already
     has it open for writing)."""
     if lock_timeout is None:
-        lock_timeout = positive_int(
-            "SESSION_PIPELINE_DB_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_SECONDS
-        )
+        lock_timeout = config_lock_timeout()
     if path.exists() and path.is_dir():
         raise StateError(f"state database {path} is a directory, not a DuckDB file")
     if read_only and not path.exists():

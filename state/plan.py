@@ -55,6 +55,7 @@ class Plan:
     scanned: int = 0
     unchanged: int = 0
     held: list[str] = field(default_factory=list)  # quarantined: left alone until reprocess
+    missing: int = 0  # sessions known to the state whose file is gone
 
 
 def plan(
@@ -77,6 +78,19 @@ def plan(
             continue
         if state.status == "quarantined":
             result.held.append(f.key)
+            continue
+        if state.status == "missing":  # back: unchanged if its content is what was read
+            result.candidates.append(
+                Candidate(
+                    f.key,
+                    f.path,
+                    f.size,
+                    f.mtime_ns,
+                    "changed",
+                    known_hash=state.file_hash,
+                    known_size=state.size_bytes,
+                )
+            )
             continue
         if state.status == "failed":
             when = state.last_attempt_at.timestamp() if state.last_attempt_at else 0.0

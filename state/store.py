@@ -76,6 +76,70 @@ def load_settled(
     )
 
 
+def present_count(con: duckdb.DuckDBPyConnection, processor_name: str) -> int:
+    """How many sessions of this processor the state knows and has not seen go missing."""
+    row = con.execute(
+        "SELECT count(*) FROM session_processor_state "
+        "WHERE processor_name = ? AND status <> 'missing'",
+        [processor_name],
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def mark_missing(
+    con: duckdb.DuckDBPyConnection, processor_name: str, present: Iterable[str]
+) -> list[str]:
+    """Mark the state rows of sessions whose file is gone `missing` (their rows stay: the
+    history outlives rotated transcripts); return their keys."""
+    with transaction(con):
+        rows = con.execute(
+            "UPDATE session_processor_state SET status = 'missing' "
+            "WHERE processor_name = $1 AND status <> 'missing' "
+            "AND session_file NOT IN (SELECT UNNEST($2)) RETURNING session_file",
+            [processor_name, list(present)],
+        ).fetchall()
+    return sorted(key for (key,) in rows)
+
+
+def forget_missing(
+    con: duckdb.DuckDBPyConnection, processor: Processor, keys: Sequence[str] | None = None
+) -> list[str]:
+    """Delete the output rows, checkpoints and state rows of this processor's missing
+    sessions (all of them, or those of `keys`), on purpose; return their keys."""
+    with transaction(con):
+        found = [
+            key
+            for (key,) in con.execute(
+                "SELECT session_file FROM session_processor_state "
+                "WHERE processor_name = ? AND status = 'missing' ORDER BY 1",
+                [processor.name],
+            ).fetchall()
+            if keys is None or key in keys
+        ]
+        if found:
+            existing = {
+                name
+                for (name,) in con.execute(
+                    "SELECT table_name FROM information_schema.tables "
+                    "WHERE table_catalog = current_database()"
+                ).fetchall()
+            }
+            for table in processor.tables:
+                if table.name not in existing:
+                    continue
+                con.execute(
+                    f"DELETE FROM {table.name} WHERE session_file IN (SELECT UNNEST($1))",
+                    [found],
+                )
+            for table in ("session_checkpoints", "session_processor_state"):
+                con.execute(
+                    f"DELETE FROM {table} WHERE processor_name = $1 "
+                    "AND session_file IN (SELECT UNNEST($2))",
+                    [processor.name, found],
+                )
+    return found
+
+
 def failing_sessions(con: duckdb.DuckDBPyConnection, processor_name: str) -> list[str]:
     """The sessions whose last read failed or that are quarantined."""
     rows = con.execute(
@@ -603,8 +667,10 @@ class ProcessorStatus:
     processed: int
     failed: int
     quarantined: int
+    missing: int  # files gone from the data dir; their rows are kept
     last_run_at: datetime | None
     last_run_errors: int | None
+    last_run_status: str | None  # completed, failed, cancelled, crashed, running
 
 
 def status(con: duckdb.DuckDBPyConnection, processor_names: Iterable[str]) -> list[ProcessorStatus]:
@@ -615,27 +681,40 @@ def status(con: duckdb.DuckDBPyConnection, processor_names: Iterable[str]) -> li
             SELECT processor_name, count(*),
                    count(*) FILTER (WHERE status = 'ok' AND file_hash IS NOT NULL),
                    count(*) FILTER (WHERE status = 'failed'),
-                   count(*) FILTER (WHERE status = 'quarantined')
+                   count(*) FILTER (WHERE status = 'quarantined'),
+                   count(*) FILTER (WHERE status = 'missing')
             FROM session_processor_state GROUP BY processor_name
             """
         ).fetchall()
     }
+    # The latest run whatever its end: a failed last run must not read as "never".
     runs = {
         row[0]: row[1:]
         for row in con.execute(
             """
-            SELECT processor_name, max(finished_at), arg_max(errors, finished_at)
-            FROM processor_runs WHERE status = 'completed' GROUP BY processor_name
+            SELECT processor_name, arg_max(coalesce(finished_at, started_at), started_at),
+                   arg_max(errors, started_at), arg_max(status, started_at)
+            FROM processor_runs GROUP BY processor_name
             """
         ).fetchall()
     }
     names = list(dict.fromkeys([*processor_names, *counts]))
     result = []
     for name in names:
-        known, processed, failed, quarantined = counts.get(name, (0, 0, 0, 0))
-        last_run_at, last_errors = runs.get(name, (None, None))
+        known, processed, failed, quarantined, missing = counts.get(name, (0, 0, 0, 0, 0))
+        last_run_at, last_errors, last_status = runs.get(name, (None, None, None))
         result.append(
-            ProcessorStatus(name, known, processed, failed, quarantined, last_run_at, last_errors)
+            ProcessorStatus(
+                name,
+                known,
+                processed,
+                failed,
+                quarantined,
+                missing,
+                last_run_at,
+                last_errors,
+                last_status,
+            )
         )
     return result
 

@@ -167,7 +167,7 @@ def test_the_installed_command_prints_one_line(tmp_path: Path) -> None:
 
 def test_query(capsys: pytest.CaptureFixture[str], db: Path) -> None:
     code, _, err = _call(capsys, "query", "SELECT 1", "--db", str(db))
-    assert code == 1 and "does not exist yet" in _one_line_error(err)
+    assert code == 1 and "no state yet at" in _one_line_error(err)
     _call(capsys, "migrate", "--db", str(db))
     code, out, _ = _call(capsys, "query", "SELECT 41 + 1 AS answer", "--db", str(db), "--json")
     assert code == 0 and json.loads(out) == [{"answer": 42}]
@@ -214,3 +214,112 @@ def test_serve_and_webhook_refuse_bad_addresses(
         code == 1
         and "SESSION_PIPELINE_WEBHOOK_PORT must be a positive integer" in _one_line_error(err)
     )
+
+
+def test_commands_that_read_state_do_not_create_it(
+    capsys: pytest.CaptureFixture[str], db: Path
+) -> None:
+    for argv in (("status",), ("query", "SELECT 1"), ("reprocess", "usage"), ("forget",)):
+        code, _, err = _call(capsys, *argv, "--db", str(db))
+        assert code == 1, argv
+        assert _one_line_error(err) == (
+            f"session-pipeline: error: no state yet at {db}: nothing has run there "
+            "(`session-pipeline run --all` creates it; or pass --db / SESSION_PIPELINE_DB)"
+        )
+    assert not db.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        (
+            "SESSION_PIPELINE_COMMIT_SECONDS",
+            "soon",
+            "SESSION_PIPELINE_COMMIT_SECONDS must be a whole number",
+        ),
+        (
+            "SESSION_PIPELINE_DB_LOCK_TIMEOUT",
+            "0",
+            "SESSION_PIPELINE_DB_LOCK_TIMEOUT must be a positive integer",
+        ),
+    ],
+)
+def test_bad_settings_are_found_before_any_work(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    data_dir: Path,
+    db: Path,
+    name: str,
+    value: str,
+    message: str,
+) -> None:
+    """Before: the flow began, the error printed twice, a new database and a ledger row left
+    `running` forever. Now: one line, nothing created."""
+    monkeypatch.setenv(name, value)
+    code, _, err = _call(capsys, "run", "usage", "--data-dir", str(data_dir), "--db", str(db))
+    assert code == 1 and message in _one_line_error(err)
+    assert not db.exists()
+
+
+def test_a_bad_setting_never_leaves_a_ledger_row_open(
+    monkeypatch: pytest.MonkeyPatch, data_dir: Path, db: Path
+) -> None:
+    from flows.pipeline import run_direct
+    from processors.usage import UsageProcessor
+    from state.config import ConfigError
+
+    _call_migrate = main(["migrate", "--db", str(db)])
+    assert _call_migrate == 0
+    monkeypatch.setenv("SESSION_PIPELINE_COMMIT_SECONDS", "-3")
+    with pytest.raises(ConfigError):
+        run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
+    with connect(db) as con:
+        assert con.execute("SELECT count(*) FROM processor_runs").fetchall() == [(0,)]
+
+
+def test_run_all_says_what_it_skipped(
+    capsys: pytest.CaptureFixture[str], test_plugins: Path, tmp_path: Path, db: Path
+) -> None:
+    """Only the skip notices are checked here (the run itself is an end-to-end test): a
+    missing data dir stops the command after them, before any work."""
+    code, _, err = _call(
+        capsys, "run", "--all", "--data-dir", str(tmp_path / "absent"), "--db", str(db)
+    )
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert "disabled: skipped: " in "\n".join(lines) and "SP_TEST_DISABLED_KEY" in err
+    assert any(line.startswith("broken: skipped: failed to load") for line in lines)
+    assert lines[-1].startswith("session-pipeline: error: data dir ")
+
+
+def test_status_shows_a_failed_last_run_and_missing_sessions(
+    capsys: pytest.CaptureFixture[str], db: Path, data_dir: Path
+) -> None:
+    assert _call(capsys, "migrate", "--db", str(db))[0] == 0
+    with connect(db) as con:
+        con.execute(
+            "INSERT INTO processor_runs (run_id, processor_name, started_at, finished_at, status, errors) "
+            "VALUES ('r1', 'usage', TIMESTAMPTZ '2026-01-01 10:00:00+00', TIMESTAMPTZ '2026-01-01 10:00:05+00', 'completed', 0), "
+            "('r2', 'usage', TIMESTAMPTZ '2026-01-02 10:00:00+00', TIMESTAMPTZ '2026-01-02 10:00:01+00', 'failed', NULL)"
+        )
+        con.execute(
+            "INSERT INTO session_processor_state (processor_name, session_file, status) "
+            "VALUES ('usage', 'alice/gone.jsonl', 'missing')"
+        )
+    code, out, _ = _call(capsys, "status", "--db", str(db), "--data-dir", str(data_dir))
+    assert code == 0
+    header, _, row = out.splitlines()[:3]
+    assert header.split() == [
+        "processor",
+        "known",
+        "processed",
+        "failed",
+        "quarantined",
+        "missing",
+        "last",
+        "run",
+    ]
+    assert row.split()[:6] == ["usage", "1", "0", "0", "0", "1"]
+    assert row.endswith("2026-01-02 10:00:01 UTC (failed)")
+    code, out, _ = _call(capsys, "processors", "--db", str(db), "--data-dir", str(data_dir))
+    assert code == 0 and "usage" in out

@@ -111,12 +111,31 @@ def test_a_run_that_dies_is_marked_failed_in_the_ledger(data_dir: Path, db: Path
     assert _rows(db, "SELECT count(*) FROM session_processor_state") == [(0,)]
 
 
-def test_missing_data_dir_gives_all_zero_figures(tmp_path: Path, db: Path) -> None:
-    figures = _run(Recorder(), tmp_path / "absent", db)
+def test_an_empty_data_dir_gives_all_zero_figures(tmp_path: Path, db: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    figures = _run(Recorder(), tmp_path / "empty", db)
     assert figures["errors_detail"] == []
     assert all(
         figures[k] == 0 for k in ("scanned", "processed", "skipped", "errors", "items_extracted")
     )
+
+
+def test_a_missing_or_too_deep_data_dir_is_an_error_before_any_write(
+    tmp_path: Path, db: Path
+) -> None:
+    from state.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"does not exist \(expected <data-dir>/<user>/"):
+        _run(Recorder(), tmp_path / "absent", db)
+    # one user's folder given as the data dir: its sessions sit directly inside
+    write_session(tmp_path / "sessions", "alice/s1.jsonl", [user_line("hi")])
+    write_session(tmp_path / "sessions", "alice/s1/subagents/agent-a.jsonl", [user_line("hi")])
+    with pytest.raises(ConfigError, match="one level too deep"):
+        _run(Recorder(), tmp_path / "sessions" / "alice", db)
+    assert not db.exists()
+    # a stray .jsonl beside real user folders is no reason to refuse
+    (tmp_path / "sessions" / "stray.jsonl").write_text("{}\n")
+    assert _run(Recorder(), tmp_path / "sessions", db)["processed"] == 2
 
 
 def test_unchanged_files_are_never_opened(data_dir: Path, db: Path) -> None:
@@ -547,3 +566,46 @@ def test_workflow_subagents_are_counted_with_their_workflow(data_dir: Path, db: 
             70,
         ),
     ]
+
+
+def test_a_deleted_session_keeps_its_rows_as_missing_until_forgotten(
+    data_dir: Path, db: Path
+) -> None:
+    """Transcripts get rotated away; last month's usage must not go with them. A file that
+    comes back unchanged is not read again; `forget_missing` drops the rest on purpose."""
+    from flows.health import health
+    from processors.registry import Entry
+    from state.store import forget_missing, status
+
+    _two_sessions(data_dir)
+    _run(Recorder(), data_dir, db)
+    moved = data_dir.parent / "s1.jsonl.bak"
+    (data_dir / "alice/s1.jsonl").rename(moved)
+    proc = Recorder()
+    figures = _run(proc, data_dir, db)
+    assert (figures["scanned"], figures["processed"]) == (1, 0)
+
+    def states() -> list[tuple[str, str]]:
+        return _rows(db, "SELECT session_file, status FROM session_processor_state ORDER BY 1")
+
+    assert states() == [("alice/s1.jsonl", "missing"), ("bob/s2.jsonl", "ok")]
+    assert _rows(
+        db, "SELECT count(*) FROM recorder_rows WHERE session_file = 'alice/s1.jsonl'"
+    ) == [(2,)]
+    with connect(db) as con:
+        (recorder,) = [s for s in status(con, ["recorder"]) if s.processor == "recorder"]
+    assert (recorder.known, recorder.missing) == (2, 1)
+    report = health([Entry("recorder", Recorder(), None)], data_dir, db)
+    assert report["processors"][0]["missing"] == 1
+    # back as it was: settled again without being read
+    moved.rename(data_dir / "alice/s1.jsonl")
+    figures = _run(proc, data_dir, db)
+    assert (figures["processed"], figures["skipped"], proc.seen) == (0, 2, [])
+    assert states() == [("alice/s1.jsonl", "ok"), ("bob/s2.jsonl", "ok")]
+    # gone for good, and forgotten on purpose
+    (data_dir / "alice/s1.jsonl").unlink()
+    _run(proc, data_dir, db)
+    with connect(db) as con:
+        assert forget_missing(con, Recorder()) == ["alice/s1.jsonl"]
+    assert states() == [("bob/s2.jsonl", "ok")]
+    assert _rows(db, "SELECT DISTINCT session_file FROM recorder_rows") == [("bob/s2.jsonl",)]
