@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flows.cadence import interval_seconds
+from flows.cadence import cadence
 from processors.registry import Entry
 from state import store
 from state.config import ConfigError
@@ -71,12 +71,12 @@ def assess(
         blank.status, blank.message = "disabled", entry.problem or "disabled"
         return blank
     try:
-        cadence = interval_seconds(entry.processor)
+        gap = cadence(entry.processor).gap_seconds  # a cron schedule's longest wait
     except ConfigError as error:
         blank.status, blank.message = "disabled", str(error)
         return blank
-    blank.cadence_seconds = cadence
-    grace = GRACE_CADENCES * cadence
+    blank.cadence_seconds = gap
+    grace = GRACE_CADENCES * gap
     if not found:
         blank.message = "no session files"
         return blank

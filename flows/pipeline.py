@@ -22,6 +22,7 @@ from pathlib import Path
 
 import duckdb
 
+from flows.work import ReadAllowance, process_batch
 from processors.base import Processor, is_append_safe
 from state import config, store
 from state.config import ConfigError
@@ -377,6 +378,31 @@ def deadline_for(time_budget_seconds: float | None) -> float | None:
     return time.time() + time_budget_seconds if time_budget_seconds else None
 
 
+@dataclass(frozen=True)
+class RunLimits:
+    """Where a run stops starting sessions: a deadline (epoch seconds) and a read allowance."""
+
+    deadline: float | None = None
+    allowance: ReadAllowance | None = None
+
+
+def run_limits(processor: Processor, time_budget_seconds: float | None = None) -> RunLimits:
+    """A run's limits. The time budget: the flag or deployment parameter, else
+    `SESSION_PIPELINE_<NAME>_TIME_BUDGET` (0: none), else the processor's
+    `time_budget_share` of the longest gap between its scheduled runs (verification: so a run
+    ends before the next is due), else none. The read cap: `SESSION_PROCESSOR_MAX_PER_RUN`,
+    except for a processor that is local and cheap (`uncapped`, as usage is)."""
+    from flows.cadence import cadence
+
+    budget: float | None = time_budget_seconds
+    if budget is None:
+        budget = config.time_budget(processor.name)
+    if budget is None and getattr(processor, "time_budget_share", None):
+        budget = processor.time_budget_share * cadence(processor).gap_seconds  # type: ignore[attr-defined]
+    cap = None if getattr(processor, "uncapped", False) else config.max_per_run()
+    return RunLimits(deadline_for(budget), ReadAllowance(cap) if cap is not None else None)
+
+
 def run_direct(
     processor: Processor,
     data_dir: Path,
@@ -386,10 +412,9 @@ def run_direct(
     time_budget_seconds: float | None = None,
 ) -> RunFigures:
     """The whole run in this thread, without Prefect."""
-    from flows.work import process_batch
-
-    deadline = deadline_for(time_budget_seconds)
     run_id, the_plan, committer = begin(processor, data_dir, db, max_attempts)
+    limits = run_limits(processor, time_budget_seconds)
+    deadline = limits.deadline
     try:
         for number, batch in enumerate(batches(the_plan.candidates)):
             if number and deadline is not None and time.time() >= deadline:
@@ -401,6 +426,7 @@ def run_direct(
                     deadline,
                     at_least_one=number == 0,
                     emit=committer.commit_now,
+                    allowance=limits.allowance,
                 )
             )
         return committer.close(run_id, len(the_plan.candidates))

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import stat
+import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -202,6 +203,25 @@ SEGMENT_BYTES = 32 << 20
 Emit = Callable[[Outcome], None]
 
 
+def confirm_unchanged(candidate: Candidate) -> Outcome | None:
+    """The `unchanged` outcome of a candidate whose content is, by hash, what was last read;
+    None when it must be read (or cannot be opened: its read will say why)."""
+    if candidate.known_hash is None:
+        return None
+    read_at = datetime.now(UTC)
+    try:
+        with _open_regular(candidate) as f:
+            st = os.fstat(f.fileno())
+            if candidate.known_size != st.st_size:
+                return None
+            digest = hash_prefix(f, st.st_size)
+    except Exception:
+        return None
+    if digest != candidate.known_hash:
+        return None
+    return Outcome(candidate.key, "unchanged", read_at, st.st_size, st.st_mtime_ns, digest)
+
+
 def process_candidate(
     processor: Processor,
     candidate: Candidate,
@@ -332,6 +352,28 @@ def _read_append_safe(
         start, hasher, resumed = session.complete_offset, session.complete_hasher(), True
 
 
+class ReadAllowance:
+    """How many more sessions a run may read (`SESSION_PROCESSOR_MAX_PER_RUN`), shared by the
+    threads reading its batches. A candidate whose content turns out unchanged gives its
+    place back: the cap counts sessions read, not candidates looked at (counting those
+    starved new sessions behind touched ones in the old system)."""
+
+    def __init__(self, sessions: int) -> None:
+        self.left = sessions
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.left <= 0:
+                return False
+            self.left -= 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.left += 1
+
+
 def process_batch(
     processor: Processor,
     batch: Sequence[Candidate],
@@ -339,13 +381,24 @@ def process_batch(
     *,
     at_least_one: bool = False,
     emit: Emit | None = None,
+    allowance: ReadAllowance | None = None,
 ) -> list[Outcome]:
     """Process a batch in order. Past the run's deadline (epoch seconds) the rest of the
     batch is left for the next run rather than holding the processor hostage; with
-    `at_least_one` the first session is read regardless, so every run makes progress."""
+    `at_least_one` the first session is read regardless, so every run makes progress. Once an
+    `allowance` is used up, sessions are no longer read, but touched ones are still settled
+    when their hash shows them unchanged; the rest wait for the next run."""
     outcomes: list[Outcome] = []
     for candidate in batch:
         if deadline is not None and time.time() >= deadline and (outcomes or not at_least_one):
             break
-        outcomes.append(process_candidate(processor, candidate, emit, deadline))
+        if allowance is not None and not allowance.take():
+            settled = confirm_unchanged(candidate)
+            if settled is not None:
+                outcomes.append(settled)
+            continue
+        outcome = process_candidate(processor, candidate, emit, deadline)
+        if allowance is not None and outcome.status == "unchanged":
+            allowance.give_back()
+        outcomes.append(outcome)
     return outcomes

@@ -1089,6 +1089,7 @@ class UsageProcessor:
     version = "3"
     cadence_seconds = 600
     append_safe = True
+    uncapped = True  # local and cheap: SESSION_PROCESSOR_MAX_PER_RUN does not apply
     tables: tuple[Table, ...] = (USAGE_EVENTS, USAGE_REQUESTS, USAGE_SESSIONS)
     views: tuple[str, ...] = (
         PRICE_OVERRIDES_DDL,

@@ -71,9 +71,35 @@ def lock_timeout() -> int:
     return positive_int("SESSION_PIPELINE_DB_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_SECONDS)
 
 
+DEFAULT_MAX_PER_RUN = 50
+
+
+def max_per_run() -> int | None:
+    """`SESSION_PROCESSOR_MAX_PER_RUN` (the old name): sessions a run of a processor that
+    costs money or time may read; the rest are deferred to the next run. Empty or 0: no cap."""
+    name = "SESSION_PROCESSOR_MAX_PER_RUN"
+    raw = os.environ.get(name)
+    if raw is None:
+        return DEFAULT_MAX_PER_RUN
+    if raw.strip() in ("", "0"):
+        return None
+    return positive_int(name, DEFAULT_MAX_PER_RUN)
+
+
+def time_budget(processor_name: str) -> int | None:
+    """`SESSION_PIPELINE_<NAME>_TIME_BUDGET`: seconds after which a run of that processor
+    starts no new session (None when unset; 0 means no budget)."""
+    name = f"SESSION_PIPELINE_{processor_name.upper()}_TIME_BUDGET"
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "0":
+        return None if raw is None else 0
+    return positive_int(name, 1)
+
+
 def check_run_settings(max_attempts_flag: int | None = None) -> None:
     """Every setting a run reads, checked before it does any work: a bad value found half
     way through would leave a new database and an open ledger row behind."""
     max_attempts(max_attempts_flag)
     commit_seconds()
     lock_timeout()
+    max_per_run()

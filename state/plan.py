@@ -66,7 +66,8 @@ def plan(
     append_safe: bool = False,
 ) -> Plan:
     """New sessions first, then changed ones, then version bumps, then retries of failures
-    (oldest attempt first), so a cluster of failing sessions can never starve fresh work.
+    (oldest attempt first), so a cluster of failing sessions can never starve fresh work;
+    within each kind the oldest file first.
     For an append-safe processor a file that grew since its last read is an `append`."""
     result = Plan()
     retries: list[tuple[float, Candidate]] = []
@@ -134,6 +135,7 @@ def plan(
                     known_size=state.size_bytes if state.processor_version else f.size,
                 )
             )
-    result.candidates.sort(key=lambda c: ORDER[c.reason])
+    # Oldest first within each kind: sessions a capped run deferred go before newer ones.
+    result.candidates.sort(key=lambda c: (ORDER[c.reason], c.mtime_ns))
     result.candidates.extend(c for _, c in sorted(retries, key=lambda item: item[0]))
     return result

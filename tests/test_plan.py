@@ -50,8 +50,8 @@ def test_classification_and_order() -> None:
     assert result.held == ["a/held.jsonl"]
     assert [(c.key, c.reason) for c in result.candidates] == [
         ("a/new.jsonl", "new"),
+        ("a/legacy.jsonl", "changed"),  # the older file first
         ("a/touched.jsonl", "changed"),
-        ("a/legacy.jsonl", "changed"),
         ("a/bumped.jsonl", "version"),
         ("a/retry-early.jsonl", "retry"),
         ("a/retry-late.jsonl", "retry"),
