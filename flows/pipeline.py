@@ -27,6 +27,7 @@ from processors.base import Processor, is_append_safe
 from state import config, store
 from state.config import ConfigError
 from state.db import connect, transaction
+from state.hostlock import HostLock
 from state.migrations import migrate
 from state.plan import Candidate, Plan, StoredState, plan
 from state.scan import scan, scan_changed
@@ -263,10 +264,11 @@ class Committer:
         processor: Processor,
         max_attempts: int,
         tally: Tally,
-        held: tuple[duckdb.DuckDBPyConnection, ExitStack] | None = None,
+        held: duckdb.DuckDBPyConnection | None = None,
+        closing: ExitStack | None = None,
     ) -> None:
         self.db, self.processor, self.max_attempts, self.tally = db, processor, max_attempts, tally
-        self.held, self._closing = held if held is not None else (None, ExitStack())
+        self.held, self._closing = held, closing if closing is not None else ExitStack()
         self.commit_seconds = config.commit_seconds()
         self.pending: list[Outcome] = []
         self.rows = 0
@@ -350,23 +352,31 @@ def begin(
     flow_run_id: str | None = None,
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
 ) -> tuple[str, Plan, Committer]:
-    """Enter the run in the ledger (its id is the flow run's when there is one), plan it, and
-    make the committer that ends it. A run with nothing to read (most scheduled runs) keeps
-    its planning connection for its end: opening DuckDB again would cost ~30 ms, and its
-    close a checkpoint, for the one ledger update."""
+    """Take the processor's lock on this host, enter the run in the ledger (its id is the
+    flow run's when there is one), plan it, and make the committer that ends it (and lets go
+    of the lock). A run with nothing to read (most scheduled runs) keeps its planning
+    connection for its end: opening DuckDB again would cost ~30 ms, and its close a
+    checkpoint, for the one ledger update."""
     ledger = LedgerEntry(flow_run_id or str(uuid.uuid4()), datetime.now(UTC), flow_run_id)
     started = time.monotonic()
     config.check_run_settings(max_attempts)
     check_data_dir(data_dir)
-    held: tuple[duckdb.DuckDBPyConnection, ExitStack] | None = None
-    with ExitStack() as stack:
-        con = stack.enter_context(connect(db))
-        the_plan = _prepare(con, processor, data_dir, ledger)
-        if not the_plan.candidates:
-            held = con, stack.pop_all()  # the committer closes it
+    closing = ExitStack()  # what the committer lets go of at the end: the lock last
+    closing.enter_context(HostLock(db, processor.name))
+    held: duckdb.DuckDBPyConnection | None = None
+    try:
+        with ExitStack() as planning:
+            con = planning.enter_context(connect(db))
+            the_plan = _prepare(con, processor, data_dir, ledger)
+            if not the_plan.candidates:
+                held = con
+                closing.push(planning.pop_all())
+    except BaseException:
+        closing.close()
+        raise
     tally = Tally.start(processor, the_plan, logger)
     tally.started, tally.started_at = started, ledger.started_at
-    return ledger.run_id, the_plan, Committer(db, processor, max_attempts, tally, held)
+    return ledger.run_id, the_plan, Committer(db, processor, max_attempts, tally, held, closing)
 
 
 def finish(db: Path, run_id: str, figures: RunFigures | None, status: str = "completed") -> None:
