@@ -422,11 +422,23 @@ def run_direct(
     time_budget_seconds: float | None = None,
 ) -> RunFigures:
     """The whole run in this thread, without Prefect."""
+    from flows.parallel import read_in_processes, read_processes
+
     run_id, the_plan, committer = begin(processor, data_dir, db, max_attempts)
     limits = run_limits(processor, time_budget_seconds)
     deadline = limits.deadline
+    candidates = the_plan.candidates
+    workers = read_processes(processor, candidates, capped=limits.allowance is not None)
     try:
-        for number, batch in enumerate(batches(the_plan.candidates)):
+        if workers > 1:
+            log.info(
+                "%s: reading %d sessions in %d processes", processor.name, len(candidates), workers
+            )
+            read_in_processes(
+                processor, candidates, deadline, workers, committer.add, committer.commit_now
+            )
+            return committer.close(run_id, len(candidates))
+        for number, batch in enumerate(batches(candidates)):
             if number and deadline is not None and time.time() >= deadline:
                 break
             committer.add(

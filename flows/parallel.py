@@ -1,0 +1,95 @@
+"""Reading a backlog on every core: worker processes read, this process commits.
+
+Reading is Python (GIL-bound), so threads do not add speed to a CPU-bound processor; processes
+do. A first run over a large history is cut into batches that worker processes read and
+send back as outcomes, while this process commits them in groups as they arrive. Files
+bigger than a read segment are read here instead, segment by segment with a commit after
+each (their memory stays bounded, and a killed run continues from the last segment), while
+the workers go on with the rest.
+
+Not used for a small backlog (starting workers costs more than it saves), for a processor
+that waits on the network (it reads in threads), or under a read cap shared by the readers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from datetime import UTC, datetime
+
+from flows.work import SEGMENT_BYTES, process_batch
+from processors.base import Processor
+from state.config import positive_int
+from state.plan import Candidate
+from state.store import Outcome
+
+log = logging.getLogger("session_pipeline.parallel")
+
+# Below this much to read, one process: workers start in ~0.1 s each and their outcomes are
+# pickled back, which only pays on a backlog.
+MIN_PARALLEL_BYTES = 64 << 20
+# Batches per worker: enough that a worker finishing early finds more, few enough that
+# each batch's outcomes travel in one piece.
+BATCHES_PER_WORKER = 8
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def read_processes(processor: Processor, candidates: Sequence[Candidate], capped: bool) -> int:
+    """How many processes should read this backlog: `SESSION_PIPELINE_READ_PROCESSES` when
+    set, else every core for a big enough backlog of a CPU-bound, uncapped processor, else 1."""
+    if getattr(processor, "read_threads", 1) > 1 or capped:
+        return 1
+    if "SESSION_PIPELINE_READ_PROCESSES" in os.environ:
+        return positive_int("SESSION_PIPELINE_READ_PROCESSES", 1)
+    if sum(c.size for c in candidates) < MIN_PARALLEL_BYTES or len(candidates) < 2:
+        return 1
+    return cores()
+
+
+def read_in_processes(
+    processor: Processor,
+    candidates: Sequence[Candidate],
+    deadline: float | None,
+    workers: int,
+    add: Callable[[Sequence[Outcome]], None],
+    commit_now: Callable[[Outcome], None],
+) -> None:
+    """Read every candidate, `workers` processes for the files of at most a segment and this
+    process for bigger ones; hand each batch's outcomes to `add` as it completes."""
+    big = [c for c in candidates if c.size > SEGMENT_BYTES]
+    small = [c for c in candidates if c.size <= SEGMENT_BYTES]
+    size = max(1, math.ceil(len(small) / (workers * BATCHES_PER_WORKER)))
+    batches = [small[i : i + size] for i in range(0, len(small), size)]
+    # forkserver: a fresh, single-threaded parent for the workers (forking this process,
+    # which may hold DuckDB's and Prefect's threads, is not safe).
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["flows.work"])
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures: dict[Future[list[Outcome]], list[Candidate]] = {
+            pool.submit(process_batch, processor, batch, deadline): batch for batch in batches
+        }
+        for candidate in big:  # read here meanwhile, a segment and a commit at a time
+            add(process_batch(processor, [candidate], deadline, emit=commit_now))
+        for future in as_completed(futures):
+            try:
+                outcomes = future.result()
+            except Exception as error:  # a worker died: its batch fails, not the run
+                now = datetime.now(UTC)
+                outcomes = [
+                    Outcome(c.key, "failed", now, error=f"reader process failed: {error}")
+                    for c in futures[future]
+                ]
+                log.warning(
+                    "a reader process failed (%s); its %d sessions fail", error, len(outcomes)
+                )
+            add(outcomes)
