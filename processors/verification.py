@@ -110,13 +110,13 @@ VERIFICATION_SESSIONS = Table(
         ("redactions", "INTEGER"),
         ("items", "INTEGER"),
         ("quotes_rejected", "INTEGER"),
-        ("invalid_items", "INTEGER"),
         ("provider", "VARCHAR"),
         ("model", "VARCHAR"),
         ("input_tokens", "BIGINT"),
         ("output_tokens", "BIGINT"),
         ("llm_calls", "INTEGER"),
         ("duration_seconds", "DOUBLE"),
+        ("invalid_items", "INTEGER"),  # added last: an upgrade adds it without reprocessing
     ),
 )
 
@@ -559,7 +559,13 @@ class VerificationProcessor:
     """Extracts user-verified knowledge from each session with an LLM."""
 
     name = "verification"
-    version = "2"  # 2: verbatim quotes, invalid items dropped and counted, at most 10 items
+    # Still 1 although quotes are now verbatim and invalid items dropped and counted: a new
+    # version would send the whole history to the LLM again. Sessions read before keep
+    # their rows until they change; `session-pipeline reprocess verification` redoes them.
+    version = "1"
+    # A run stops starting sessions after this share of the gap between its scheduled runs,
+    # so it ends before the next one is due (SESSION_PIPELINE_VERIFICATION_TIME_BUDGET wins).
+    time_budget_share = 0.8
     cadence_seconds = 900
     read_threads = 4  # batches in flight at once: the time goes in waiting for the LLM
     tables: tuple[Table, ...] = (VERIFICATION_EVIDENCE, VERIFICATION_SESSIONS)

@@ -182,6 +182,15 @@ def load_checkpoints(
     return {row[0]: bytes(row[1]) for row in rows}
 
 
+def _added_columns(table: Table, old_ddl: str) -> list[tuple[str, str]]:
+    """The columns `table` adds at the end of the table `old_ddl` created, or [] when the
+    change is anything else."""
+    for n in range(len(table.columns) - 1, 0, -1):
+        if Table(table.name, table.columns[:n]).ddl == old_ddl:
+            return list(table.columns[n:])
+    return []
+
+
 def ensure_outputs(con: duckdb.DuckDBPyConnection, processor: Processor) -> list[str]:
     """Create the processor's output tables and views, in the caller's transaction.
 
@@ -212,7 +221,14 @@ def ensure_outputs(con: duckdb.DuckDBPyConnection, processor: Processor) -> list
             )
         if row is not None and row[1] == table.ddl:
             continue
-        if row is not None:
+        added = _added_columns(table, row[1]) if row is not None else None
+        if added:
+            # Columns added at the end: the rows already stored stay right (the new columns
+            # are NULL until their session is read again), so nothing is reprocessed; for an
+            # LLM processor that would mean paying for its whole history again.
+            for name, sql_type in added:
+                con.execute(f"ALTER TABLE {table.name} ADD COLUMN IF NOT EXISTS {name} {sql_type}")
+        elif row is not None:
             con.execute(f"DROP TABLE IF EXISTS {table.name} CASCADE")
             rebuilt.append(table.name)
         con.execute(table.ddl)

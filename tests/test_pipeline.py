@@ -395,11 +395,35 @@ def test_output_schema_change_rebuilds_and_reprocesses(data_dir: Path, db: Path)
             ),
         )
 
+    class Reshaped(Recorder):
+        tables = (
+            Table(
+                "recorder_rows",
+                (
+                    ("session_file", "VARCHAR NOT NULL"),
+                    ("extra", "VARCHAR"),
+                    ("line_no", "BIGINT"),
+                    ("text", "VARCHAR"),
+                ),
+            ),
+        )
+
     _two_sessions(data_dir)
     _run(Recorder(), data_dir, db)
+    # a column added at the end: added in place, nothing reprocessed (an LLM processor's
+    # history would otherwise be paid for again)
     figures = _run(Wider(), data_dir, db)
+    assert (figures["processed"], figures["skipped"]) == (0, 2)
+    assert _rows(db, "SELECT count(*), count(extra) FROM recorder_rows") == [(3, 0)]
+    # anything else rebuilds the table and reprocesses every session
+    figures = _run(Reshaped(), data_dir, db)
     assert figures["processed"] == 2
     assert _rows(db, "SELECT count(*), count(extra) FROM recorder_rows") == [(3, 0)]
+    assert _rows(
+        db,
+        "SELECT data_type FROM information_schema.columns "
+        "WHERE table_name = 'recorder_rows' AND column_name = 'line_no'",
+    ) == [("BIGINT",)]
 
 
 def test_files_vanishing_between_scan_and_read_fail_with_a_reason(data_dir: Path, db: Path) -> None:
