@@ -3,9 +3,14 @@
 Prefect OSS leaves a flow run `Running` forever when its process dies (a SIGKILL, a reboot,
 an OOM kill): there is no zombie detection without Prefect Cloud's automations, and such a
 run keeps its deployment's concurrency slot, so every later run of that deployment waits
-forever. A global concurrency slot can leak too (a server restart with the in-memory lease
-store). Our own run ledger (`processor_runs`: host and pid of the process doing each run) says
+forever. Our own run ledger (`processor_runs`: host and pid of the process doing each run) says
 whether the process behind a run is still there.
+
+A run holds its processor's global slot through a lease named on its flow run (label
+`session-pipeline.slot-lease`). A dead run's slot is freed by releasing exactly that lease,
+never by setting the limit's count: a count set to 0 while the dead lease still exists is
+decremented again when that lease expires, taking the slot of whichever run holds it then, and
+two runs of one processor overlap.
 """
 
 from __future__ import annotations
@@ -19,7 +24,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flows.names import flow_name, limit_name
-from flows.prefect_api import PrefectAPI, PrefectUnavailable
+from flows.prefect_api import (
+    LEASE_LABEL,
+    TERMINAL_STATES,
+    PrefectAPI,
+    PrefectUnavailable,
+    api_url,
+)
 from processors import registry
 from state.db import StateError, connect
 
@@ -31,6 +42,9 @@ NO_LEDGER_GRACE = timedelta(minutes=10)
 # A live pid whose process started this much later than the run's ledger row is a reused
 # pid, not the run's process. Generous, so that a wall-clock step never makes a live run dead.
 PID_REUSE_TOLERANCE = timedelta(minutes=10)
+# Ended runs whose lease is released again when their slot is taken by no live run: the runner
+# marks a killed run Crashed, and its crash hook may have failed to release the lease.
+RECENT_ENDED_RUNS = 20
 
 
 @dataclass(frozen=True)
@@ -57,9 +71,13 @@ class RunFinding:
 
 @dataclass(frozen=True)
 class SlotFinding:
+    """A processor's slot taken while no run holding it is alive; `dead_holders` names the
+    dead runs whose lease may still hold it (released by name when fixing)."""
+
     processor: str
     limit: str
     active_slots: int
+    dead_holders: tuple[str, ...] = ()
 
 
 @dataclass
@@ -73,7 +91,8 @@ class DoctorReport:
     leaked_slots: list[SlotFinding] = field(default_factory=list)
     crashed: list[str] = field(default_factory=list)  # flow run ids forced to Crashed
     ledger_closed: list[str] = field(default_factory=list)  # run ids set to 'crashed'
-    slots_reset: list[str] = field(default_factory=list)  # limit names reset to 0
+    leases_released: list[str] = field(default_factory=list)  # flow run names
+    slots_freed: list[str] = field(default_factory=list)  # limit names free after releasing
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -104,14 +123,25 @@ class DoctorReport:
             )
             out.append(f"ledger run {s.name} ({s.processor}) says running but {s.reason}; {done}")
         for slot in self.leaked_slots:
-            done = (
-                "reset to 0"
-                if slot.limit in self.slots_reset
-                else ("not reset (report only)" if not self.fix else "not reset, see the error")
+            holders = (
+                f"held by dead run {', '.join(slot.dead_holders)}"
+                if slot.dead_holders
+                else f"held by no live {slot.processor} run"
             )
+            if not self.fix:
+                done = "not released (report only)"
+            elif slot.limit in self.slots_freed:
+                done = "released its lease"
+            else:
+                done = (
+                    "no lease of a dead run left to release: it frees itself when its lease "
+                    "expires (60 s; 5 min for a run of an older version); if it stays taken "
+                    "(a server restarted with the in-memory lease store), free it with "
+                    f"`prefect gcl update {slot.limit} --active-slots 0` once no run is going"
+                )
             out.append(
-                f"leaked slot: {slot.limit} has {slot.active_slots} active slot(s) but no "
-                f"{slot.processor} run is alive; {done}"
+                f"leaked slot: {slot.limit} has {slot.active_slots} active slot(s) {holders}; "
+                f"{done}"
             )
         out.extend(f"error: {e}" for e in self.errors)
         return out
@@ -142,18 +172,18 @@ def _read_ledger(db: Path, flow_run_ids: Iterable[str]) -> list[LedgerRow]:
     return [LedgerRow(*row) for row in rows]
 
 
-def _close_ledger_rows(db: Path, run_ids: list[str]) -> list[str]:
-    """Mark rows crashed, only those still 'running' (a row its run completed meanwhile
-    keeps its figures); returns the ids changed."""
-    if not run_ids:
+def close_ledger_rows(db: Path, run_ids: list[str], status: str = "crashed") -> list[str]:
+    """Mark rows `status`, only those still 'running' (a row its run completed meanwhile
+    keeps its figures); returns the ids changed. No database, no change."""
+    if not run_ids or not db.exists():
         return []
     now = datetime.now(UTC)
     with connect(db) as con:
         rows = con.execute(
-            "UPDATE processor_runs SET status = 'crashed', finished_at = $1, "
+            "UPDATE processor_runs SET status = $3, finished_at = $1, "
             "duration_seconds = epoch($1::TIMESTAMPTZ - started_at) "
             "WHERE status = 'running' AND run_id IN (SELECT UNNEST($2)) RETURNING run_id",
-            [now, run_ids],
+            [now, run_ids, status],
         ).fetchall()
     return [r[0] for r in rows]
 
@@ -255,9 +285,11 @@ def _active_runs(api: PrefectAPI, processor: str) -> list[dict[str, Any]]:
 
 def doctor(db: Path, api: PrefectAPI | None = None, *, fix: bool = True) -> DoctorReport:
     """Find zombie runs and leaked slots of our flows; with `fix`, crash the zombies (which
-    frees their deployment slots), close their ledger rows and reset leaked slots."""
+    frees their deployment slots), close their ledger rows and release the leases dead runs
+    hold their global slots with. Without `api`, the Prefect API is PREFECT_API_URL's, or
+    that of the `serve` running for `db` on this machine."""
     owned = api is None
-    api = api or PrefectAPI()
+    api = api or PrefectAPI(api_url(Path(db)))
     try:
         return _doctor(Path(db), api, fix)
     finally:
@@ -315,7 +347,7 @@ def _doctor(db: Path, api: PrefectAPI, fix: bool) -> DoctorReport:
         dead_rows.append(row.run_id)
     if fix and dead_rows:
         try:
-            report.ledger_closed.extend(_close_ledger_rows(db, dead_rows))
+            report.ledger_closed.extend(close_ledger_rows(db, dead_rows))
         except StateError as error:
             report.errors.append(f"cannot update the run ledger {db}: {error}")
     for processor in processors:
@@ -344,39 +376,60 @@ def _crash(
     return "crashed"
 
 
+def _holds_slot(run: dict[str, Any], ledger: dict[str, LedgerRow]) -> bool:
+    """Has the run taken its slot? It names its lease on itself once it has, and writes its
+    ledger row after (a run of an older version only the row). A run waiting for the slot
+    has neither, and does not keep a dead holder's slot from being reported."""
+    return bool((run.get("labels") or {}).get(LEASE_LABEL)) or run["id"] in ledger
+
+
 def _check_slot(api: PrefectAPI, db: Path, host: str, processor: str, report: DoctorReport) -> None:
-    """A processor's global slot taken while none of its runs is alive is leaked. The limit
-    is read first: with it full, no new run can take it while the runs are being checked,
-    so a reset never frees the slot of a run that started meanwhile."""
+    """A processor's global slot taken while no run holding it is alive is leaked. The limit
+    is read first: with it full, no new run can take it while the runs are being checked.
+    Fixing releases the leases of the dead holders (by id: a lease already gone is left
+    alone, so a live run's slot is never freed), never the count."""
     name = limit_name(processor)
     try:
         limit = api.limit(name)
         if limit is None or int(limit.get("active_slots") or 0) <= 0:
             return
         active = _active_runs(api, processor)
+        ended = api.flow_runs(
+            flow_names=[flow_name(processor)], states=TERMINAL_STATES, limit=RECENT_ENDED_RUNS
+        )
         rows = _read_ledger(db, [run["id"] for run in active])
     except (PrefectUnavailable, StateError) as error:
         report.errors.append(f"cannot check slot {name}: {error}")
         return
     ledger = {r.flow_run_id: r for r in rows if r.flow_run_id}
     now = datetime.now(UTC)
-    if any(_judge(run, ledger, db, host, now).alive is not False for run in active):
+    holders = [run for run in active if _holds_slot(run, ledger)]
+    if any(_judge(run, ledger, db, host, now).alive is not False for run in holders):
         return  # alive, or on another host / in another ledger: cannot tell, leave it
     if any(
         r.processor == processor
         and r.status == "running"
+        and r.flow_run_id not in {run["id"] for run in active}
         and r.host == host
         and r.pid is not None
         and process_alive(r.pid, r.started_at)
         for r in rows
     ):
         return
-    report.leaked_slots.append(SlotFinding(processor, name, int(limit["active_slots"])))
+    dead = [run for run in [*holders, *ended] if (run.get("labels") or {}).get(LEASE_LABEL)]
+    # the zombies this pass crashed are no longer active: name them too
+    crashed = [z.name for z in report.zombies if z.processor == processor]
+    names = dict.fromkeys([*(run["name"] for run in holders), *crashed])
+    finding = SlotFinding(processor, name, int(limit["active_slots"]), tuple(names))
+    report.leaked_slots.append(finding)
     if not report.fix:
         return
     try:
-        api.reset_limit(name)
+        for run in dead:
+            api.release_lease(str(run["labels"][LEASE_LABEL]))
+        after = api.limit(name)
     except PrefectUnavailable as error:
-        report.errors.append(f"cannot reset slot {name}: {error}")
+        report.errors.append(f"cannot release slot {name}: {error}")
         return
-    report.slots_reset.append(name)
+    if after is not None and int(after.get("active_slots") or 0) == 0:
+        report.slots_freed.append(name)

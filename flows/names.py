@@ -23,3 +23,11 @@ def limit_name(processor_name: str) -> str:
 def trigger_limit_name(processor_name: str) -> str:
     """A short lease that serialises webhook triggers of one processor across processes."""
     return f"session-pipeline-trigger-{processor_name}"
+
+
+def new_run_name(processor_name: str) -> str:
+    """`usage-20260501-101500`: a run's name, given when it is created (the webhook) or when
+    it starts (a scheduled run, `session-pipeline run`)."""
+    from datetime import UTC, datetime
+
+    return f"{processor_name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"

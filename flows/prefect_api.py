@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Iterable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,21 +23,33 @@ GOING_STATES = ("PENDING", "RUNNING", "CANCELLING", "PAUSED")
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 # the message of a run the server cancelled under a deployment's CANCEL_NEW limit
 COLLISION_MESSAGE = "Deployment concurrency limit reached."
+# The flow run label that names the lease a run holds its processor's slot with: whoever
+# finds the run dead (the runner's crash hook, doctor) releases exactly that lease.
+LEASE_LABEL = "session-pipeline.slot-lease"
 
 
 class PrefectUnavailable(RuntimeError):
     """The Prefect API cannot be reached or answered with an error; one line for users."""
 
 
-def api_url() -> str:
-    """PREFECT_API_URL from the environment or the active Prefect profile."""
+def api_url(db: Path | None = None) -> str:
+    """PREFECT_API_URL from the environment or the active Prefect profile; else, given the
+    state database, the API of the `session-pipeline serve` running for it on this machine."""
     url = os.environ.get("PREFECT_API_URL")
     if not url:
         from prefect.settings import PREFECT_API_URL
 
         url = PREFECT_API_URL.value()
+    if not url and db is not None:
+        from flows.serve import local_serve_api_url
+
+        url = local_serve_api_url(db)
     if not url:
-        raise PrefectUnavailable("PREFECT_API_URL is not set: start `session-pipeline serve`")
+        where = f" for {db}" if db is not None else ""
+        raise PrefectUnavailable(
+            f"PREFECT_API_URL is not set and no `session-pipeline serve` is running{where} on "
+            "this machine: start serve, or export PREFECT_API_URL=http://<host>:<port>/api"
+        )
     return url.rstrip("/")
 
 
@@ -159,6 +172,10 @@ class PrefectAPI:
     def flow_run(self, flow_run_id: str) -> dict[str, Any]:
         return self._json("GET", f"/flow_runs/{flow_run_id}")
 
+    def set_labels(self, flow_run_id: str, labels: dict[str, str]) -> None:
+        """Add labels to a flow run (the others stay)."""
+        self._json("PATCH", f"/flow_runs/{flow_run_id}/labels", json=labels)
+
     def force_state(self, flow_run_id: str, state_type: str, message: str) -> None:
         self._json(
             "POST",
@@ -185,24 +202,47 @@ class PrefectAPI:
             if response.is_error and self.limit(name) is None:
                 raise PrefectUnavailable(f"cannot create concurrency limit {name}")
 
-    def reset_limit(self, name: str) -> None:
-        self._json("PATCH", f"/v2/concurrency_limits/{name}", json={"active_slots": 0})
-
-    def try_lease(self, name: str, seconds: float = 60) -> str | None:
+    def try_lease(
+        self, name: str, seconds: float = 60, *, holder_flow_run: str | None = None
+    ) -> str | None:
         """Take one slot of a limit without waiting; None when it is taken. The lease expires
-        by itself if this process dies."""
-        response = self._call(
-            "POST",
-            "/v2/concurrency_limits/increment-with-lease",
-            json={"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": seconds},
-        )
+        by itself `seconds` after it was taken or last renewed (Prefect's minimum is 60), so
+        a holder that dies frees the slot within that. A missing limit is an error: a slot
+        that was never taken must never look taken."""
+        body: dict[str, Any] = {
+            "names": [name],
+            "slots": 1,
+            "mode": "concurrency",
+            "lease_duration": seconds,
+        }
+        if holder_flow_run is not None:
+            body["holder"] = {"type": "flow_run", "id": holder_flow_run}
+        response = self._call("POST", "/v2/concurrency_limits/increment-with-lease", json=body)
         if response.status_code == 423:
             return None
         if response.is_error:
             raise PrefectUnavailable(
                 f"Prefect API answered {response.status_code} taking slot {name}"
             )
-        return str(response.json()["lease_id"])
+        answer = response.json()
+        if not answer.get("limits"):
+            raise PrefectUnavailable(f"concurrency limit {name} does not exist")
+        return str(answer["lease_id"])
+
+    def renew_lease(self, lease_id: str, seconds: float = 60) -> bool:
+        """Extend a lease to `seconds` from now; False when it is gone (expired, released)."""
+        response = self._call(
+            "POST",
+            f"/v2/concurrency_limits/leases/{lease_id}/renew",
+            json={"lease_duration": seconds},
+        )
+        if response.status_code in (404, 410):
+            return False
+        if response.is_error:
+            raise PrefectUnavailable(
+                f"Prefect API answered {response.status_code} renewing lease {lease_id}"
+            )
+        return True
 
     def release_lease(self, lease_id: str) -> None:
         self._call(

@@ -4,29 +4,44 @@ A run takes the processor's global concurrency slot (strict: a missing limit is 
 run unprotected), scans, maps one task run per batch of sessions, commits each batch the
 moment it completes, and ends with the run's figures in `processor_runs` and as a table
 artifact in the Prefect UI.
+
+The slot is a 60 s Prefect lease (the shortest Prefect allows), renewed every 15 s while the
+run lives, and named on the flow run (label `session-pipeline.slot-lease`): a run that dies
+frees its slot within a minute by itself, at once when the runner reports it Crashed (the
+flow's crash hook releases exactly that lease), or when `doctor` finds it dead. A SIGTERM
+(serve stopping, a cancellation) ends the run after its current commit: it is Cancelled, and
+so is its ledger row.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+import concurrent.futures
+import contextlib
+import random
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from prefect import Flow, flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
-from prefect.concurrency.sync import concurrency
-from prefect.context import TagsContext
-from prefect.futures import as_completed
+from prefect.context import FlowRunContext, TagsContext
+from prefect.logging import get_logger
 from prefect.runtime import flow_run
-from prefect.states import Failed, State
+from prefect.states import Cancelled, Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from flows.names import flow_attribute, flow_name, limit_name
-from flows.pipeline import Committer, batches, begin, deadline_for
+from flows.names import flow_attribute, flow_name, limit_name, new_run_name
+from flows.pipeline import Committer, batches, begin, deadline_for, finish
+from flows.prefect_api import LEASE_LABEL, PrefectAPI, PrefectUnavailable
 from flows.work import Emit, describe, process_batch
 from processors import registry
 from processors.base import Processor
@@ -39,6 +54,10 @@ from state.store import Outcome, RunFigures
 # How long a run waits for its processor's slot before refusing. Generous because acquiring
 # goes through the Prefect API, which can be slow under load (SQLite contention on the server).
 LOCK_WAIT_SECONDS = 30.0
+# The slot's lease: Prefect's minimum, so a dead holder frees it within a minute; renewed four
+# times per lifetime, so a renewal or two may fail (a busy server) without losing it.
+LEASE_SECONDS = 60.0
+RENEW_SECONDS = 15.0
 
 
 def read_threads(processor_name: str) -> int:
@@ -59,6 +78,10 @@ def read_threads(processor_name: str) -> int:
 
 class ProcessorBusyError(RuntimeError):
     """Another run of the same processor holds its concurrency slot."""
+
+
+class RunCancelled(RuntimeError):
+    """A SIGTERM stopped the run after its last commit; the message says what was kept."""
 
 
 def __getattr__(attribute: str) -> Flow[..., dict[str, Any] | State]:
@@ -90,9 +113,129 @@ def process_sessions(
     return process_batch(processor, batch, deadline, at_least_one=index == 0, emit=commit_segment)
 
 
-def _ensure_limit(name: str) -> None:
+def _ensure_limit(name: str) -> str:
+    """Create the limit if missing; returns the API URL this process talks to (also that of
+    the temporary server Prefect starts when none is configured)."""
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, 1)
+        return str(client.api_url).rstrip("/")
+
+
+class ProcessorSlot:
+    """A processor's global concurrency slot, held through a lease that is named on the flow
+    run and renewed by a thread while the run lives."""
+
+    def __init__(self, api_url: str, limit: str, flow_run_id: str | None) -> None:
+        self.api = PrefectAPI(api_url)
+        self.limit, self.flow_run_id = limit, flow_run_id
+        self.lease: str | None = None
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def acquire(self, timeout: float) -> bool:
+        """Take the slot, waiting up to `timeout` seconds; False when it stayed taken."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.lease = self.api.try_lease(
+                self.limit, LEASE_SECONDS, holder_flow_run=self.flow_run_id
+            )
+            if self.lease is not None:
+                break
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.5 + random.random() / 2, max(deadline - time.monotonic(), 0.05)))
+        if self.flow_run_id is not None:
+            try:
+                self.api.set_labels(self.flow_run_id, {LEASE_LABEL: self.lease})
+            except PrefectUnavailable as error:  # it still expires within LEASE_SECONDS
+                get_logger("session_pipeline").warning("cannot label the run's lease: %s", error)
+        self._renewer = threading.Thread(
+            target=self._renew, name=f"slot-lease-{self.limit}", daemon=True
+        )
+        self._renewer.start()
+        return True
+
+    def _renew(self) -> None:
+        logger = get_logger("session_pipeline")
+        while not self._stop.wait(RENEW_SECONDS):
+            assert self.lease is not None
+            try:
+                if not self.api.renew_lease(self.lease, LEASE_SECONDS):
+                    self.lost.set()
+                    logger.error(
+                        "the lease on %s is gone (released by someone else, or it expired): "
+                        "another run of this processor may start",
+                        self.limit,
+                    )
+                    return
+            except PrefectUnavailable as error:
+                logger.warning("could not renew the lease on %s: %s", self.limit, error)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=5)
+        try:
+            if self.lease is not None:
+                self.api.release_lease(self.lease)
+                self.lease = None
+        finally:
+            self.api.close()
+
+
+def release_dead_run(flow_run_id: str, db: Path, status: str = "crashed") -> list[str]:
+    """What a run that died leaves behind, released: the lease it held its slot with (named
+    on the flow run) and its ledger row, closed as `status` if still 'running'. Safe to call
+    for a run that ended properly: a released lease and a closed row stay as they are."""
+    from flows.doctor import close_ledger_rows
+    from flows.prefect_api import api_url
+
+    done = []
+    with PrefectAPI(api_url(db)) as api:
+        lease = (api.flow_run(flow_run_id).get("labels") or {}).get(LEASE_LABEL)
+        if lease:
+            api.release_lease(str(lease))
+            done.append(f"released lease {lease}")
+    if close_ledger_rows(db, [flow_run_id], status=status):
+        done.append(f"ledger run {flow_run_id} closed as {status}")
+    return done
+
+
+def _on_crashed(flow: Any, flow_run: Any, state: State) -> None:
+    """The runner found the run's process dead (SIGKILL, OOM) and marked it Crashed: free its
+    slot now, not when its lease runs out, and close its ledger row."""
+    logger = get_logger("session_pipeline")
+    db = config.db_path((flow_run.parameters or {}).get("db"))
+    try:
+        for line in release_dead_run(str(flow_run.id), db):
+            logger.info("crashed run %s: %s", flow_run.name, line)
+    except (PrefectUnavailable, StateError, ConfigError) as error:
+        logger.warning(
+            "crashed run %s: could not release what it held (%s); its slot frees itself "
+            "within %g s, `session-pipeline doctor` closes its ledger row",
+            flow_run.name,
+            error,
+            LEASE_SECONDS,
+        )
+
+
+@contextlib.contextmanager
+def _sigterm_sets(stop: threading.Event) -> Iterator[None]:
+    """While in the main thread, a SIGTERM sets `stop` instead of raising wherever the run
+    happens to be (in a DuckDB commit: "Query interrupted", a Failed run, two tracebacks)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _artifact(figures: RunFigures) -> None:
@@ -122,6 +265,7 @@ def _process(
     candidates: list[Candidate],
     deadline: float | None,
     committer: Committer,
+    stop: threading.Event | None = None,
 ) -> None:
     """Map the batches over task runs and commit their outcomes as they complete.
 
@@ -142,17 +286,26 @@ def _process(
             unmapped(deadline),
             unmapped(committer.commit_now),
         )
-    batch_of = {id(f): b for f, b in zip(futures, work, strict=True)}
-    for future in as_completed(futures):
-        try:
-            outcomes = future.result()
-        except Exception as error:  # a crashed task fails its sessions, not the run
-            now = datetime.now(UTC)
-            outcomes = [
-                Outcome(c.key, "failed", now, error=f"task crashed: {error}")
-                for c in batch_of[id(future)]
-            ]
-        committer.add(outcomes)
+    batch_of = {id(f.wrapped_future): (f, b) for f, b in zip(futures, work, strict=True)}
+    waiting = {f.wrapped_future for f in futures}
+    while waiting:
+        if stop is not None and stop.is_set():
+            for left in waiting:
+                left.cancel()  # batches not started yet never start
+            return
+        done, waiting = concurrent.futures.wait(
+            waiting, timeout=0.25, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+        for wrapped in done:
+            future, batch = batch_of[id(wrapped)]
+            try:
+                outcomes = future.result()
+            except Exception as error:  # a crashed task fails its sessions, not the run
+                now = datetime.now(UTC)
+                outcomes = [
+                    Outcome(c.key, "failed", now, error=f"task crashed: {error}") for c in batch
+                ]
+            committer.add(outcomes)
 
 
 def run_processor(
@@ -167,34 +320,46 @@ def run_processor(
     data_path, db_path = config.data_dir(data_dir), config.db_path(db)
     attempts = config.max_attempts(max_attempts)
     deadline = deadline_for(time_budget_seconds)
-    slot = limit_name(processor_name)
-    _ensure_limit(slot)
-    with ExitStack() as stack:
-        try:
-            stack.enter_context(
-                concurrency(slot, occupy=1, timeout_seconds=LOCK_WAIT_SECONDS, strict=True)
-            )
-        except TimeoutError:
-            raise ProcessorBusyError(f"Processor '{processor_name}' is already running") from None
-        run_id, the_plan, committer = begin(
-            processor, data_path, db_path, attempts, flow_run.get_id(), logger
-        )
-        try:
-            _process(processor, the_plan.candidates, deadline, committer)
-            figures = committer.close(run_id, len(the_plan.candidates))
-        except BaseException:
-            committer.abort(run_id)
-            raise
-        slot_held = stack.pop_all()
+    limit = limit_name(processor_name)
+    held = ProcessorSlot(_ensure_limit(limit), limit, flow_run.get_id())
+    stop = threading.Event()
     try:
-        slot_held.close()
-    except Exception as error:  # the work is committed: a failed release must not fail the run
-        logger.warning(
-            "could not release the concurrency slot %s (%s); it frees itself when its lease "
-            "expires",
-            slot,
-            describe(error),
+        if not held.acquire(LOCK_WAIT_SECONDS):
+            raise ProcessorBusyError(f"Processor '{processor_name}' is already running")
+        with _sigterm_sets(stop):
+            run_id, the_plan, committer = begin(
+                processor, data_path, db_path, attempts, flow_run.get_id(), logger
+            )
+            try:
+                _process(processor, the_plan.candidates, deadline, committer, stop)
+                if stop.is_set():
+                    with committer.lock:
+                        committer.flush()  # what was read is kept: the next run goes on
+                    figures = committer.tally.finish(len(the_plan.candidates))
+                    committer.release()
+                    finish(db_path, run_id, figures, status="cancelled")
+                else:
+                    figures = committer.close(run_id, len(the_plan.candidates))
+            except BaseException:
+                committer.abort(run_id)
+                raise
+    finally:
+        try:
+            held.release()
+        except Exception as error:  # the work is committed: a failed release must not fail it
+            logger.warning(
+                "could not release the concurrency slot %s (%s); it frees itself when its "
+                "lease expires",
+                limit,
+                describe(error),
+            )
+    if stop.is_set():
+        message = (
+            f"{processor_name}: stopped by SIGTERM after committing {figures.processed} "
+            f"session(s); {figures.deferred} left for the next run (cancelled)"
         )
+        logger.warning("%s", message)
+        raise RunCancelled(message)
     logger.info(
         "%s: scanned %d, processed %d, skipped %d, errors %d, quarantined %d (%d held), "
         "deferred %d, items %d in %.1fs",
@@ -217,11 +382,17 @@ def build_flow(processor_name: str) -> Flow[..., dict[str, Any] | State]:
     """The flow of one processor, named `<name>-processor`, its runs `<name>-<timestamp>`."""
 
     def run_name() -> str:
-        return f"{processor_name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+        """A run named when it was created (the webhook does) keeps its name."""
+        context = FlowRunContext.get()
+        current = context.flow_run.name if context and context.flow_run else ""
+        if re.fullmatch(rf"{re.escape(processor_name)}-\d{{8}}-\d{{6}}(-\w+)?", current):
+            return current
+        return new_run_name(processor_name)
 
     @flow(
         name=flow_name(processor_name),
         flow_run_name=run_name,
+        on_crashed=[_on_crashed],
         task_runner=ThreadPoolTaskRunner(max_workers=read_threads(processor_name)),
         description=f"Reads new and changed session transcripts with the {processor_name} "
         "processor and commits what it extracts to DuckDB.",
@@ -235,6 +406,8 @@ def build_flow(processor_name: str) -> Flow[..., dict[str, Any] | State]:
     ) -> dict[str, Any] | State:
         try:
             return run_processor(processor_name, data_dir, db, max_attempts, time_budget_seconds)
+        except RunCancelled as e:
+            return Cancelled(message=str(e))
         except (ProcessorBusyError, StateError, ConfigError, registry.UnknownProcessorError) as e:
             # An expected refusal: one line in the log and a Failed run, not a traceback.
             get_run_logger().error("%s", e)

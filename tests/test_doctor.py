@@ -84,6 +84,7 @@ class Zombie:
     run_id: str
     flow_run_id: str
     pid: int
+    killed_at: float  # time.monotonic() when it was killed
 
 
 @pytest.fixture
@@ -112,9 +113,10 @@ def zombie(
         assert pid == proc.pid  # the CLI runs the flow in-process
     finally:
         proc.kill()
+        killed_at = time.monotonic()
         proc.wait(timeout=30)
     assert _state(api, flow_run_id) == "RUNNING" and _slots(api) == 1
-    yield Zombie(run_id, flow_run_id, pid)
+    yield Zombie(run_id, flow_run_id, pid, killed_at)
     doctor(db, api)  # leave the shared server clean for the next test
 
 
@@ -130,14 +132,15 @@ def test_a_killed_run_is_crashed_and_its_slot_freed(
     assert f"process {zombie.pid}" in report.zombies[0].reason
     assert report.crashed == [zombie.flow_run_id]
     assert report.ledger_closed == [zombie.run_id]
-    assert report.leaked_slots == [SlotFinding("linecount", SLOT, 1)]
-    assert report.slots_reset == [SLOT]
+    name = report.zombies[0].name
+    assert report.leaked_slots == [SlotFinding("linecount", SLOT, 1, (name,))]
+    assert report.slots_freed == [SLOT]
     assert not report.unchecked and not report.errors and not report.clean
     lines = report.lines()
     assert len(lines) == 2
     assert lines[0].startswith("zombie run linecount-") and lines[0].endswith("marked Crashed")
     assert lines[1] == (
-        f"leaked slot: {SLOT} has 1 active slot(s) but no linecount run is alive; reset to 0"
+        f"leaked slot: {SLOT} has 1 active slot(s) held by dead run {name}; released its lease"
     )
     run = api.flow_run(zombie.flow_run_id)
     assert run["state_type"] == "CRASHED" and "doctor" in run["state"]["message"]
@@ -160,6 +163,85 @@ def test_a_killed_run_is_crashed_and_its_slot_freed(
     assert '"processed": 1' in again.stdout
     assert time.monotonic() - started < 25
     assert doctor(db, api).clean
+
+
+def _run_output(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> tuple[int, str]:
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    return code, log.read_text(errors="replace")
+
+
+def test_slow_the_dead_runs_lease_expiring_never_frees_a_live_runs_slot(
+    prefect_api: str, api: PrefectAPI, zombie: Zombie, sessions: Path, db: Path, tmp_path: Path
+) -> None:
+    """SLOW (~100 s: it waits out the 60 s lease, Prefect's shortest, and the server's 15 s
+    expiry loop). Kill a run, doctor, then a long run spanning the moment the dead run's
+    lease would have expired: its slot stays taken, and a second run is refused. (Setting the
+    limit's count to 0 instead, the dead lease later took the long run's slot and let the
+    second one overlap it.)"""
+    report = doctor(db, api)
+    assert report.slots_freed == [SLOT] and _slots(api) == 0
+    long_log = tmp_path / "long.log"
+    long_run = _start_run(prefect_api, sessions, db, long_log, sleep=95)
+    try:
+        _wait_for_ledger(db, long_run, long_log)
+        _wait_for_slot(api, 1)
+        # The dead lease, last renewed before the kill, expires within 60 s of it and the
+        # server revokes expired leases every 15 s: the second run waits (30 s) across that.
+        time.sleep(max(0.0, zombie.killed_at + 42 - time.monotonic()))
+        second_log = tmp_path / "second.log"
+        second = _start_run(prefect_api, sessions, db, second_log, sleep=0)
+        code, out = _run_output(second, second_log, timeout=120)
+        assert time.monotonic() > zombie.killed_at + 75, "the second run gave up too early"
+        assert code != 0 and "Processor 'linecount' is already running" in out, out[-2000:]
+        assert _slots(api) == 1  # still the long run's
+        code, out = _run_output(long_run, long_log, timeout=120)
+        assert code == 0, out[-2000:]
+    finally:
+        if long_run.poll() is None:
+            long_run.kill()
+            long_run.wait(timeout=30)
+    runs = _rows(db, "SELECT status FROM processor_runs ORDER BY started_at")
+    assert runs == [("crashed",), ("completed",)]  # the second run never started its work
+    assert _slots(api) == 0
+
+
+def test_report_only_names_a_dead_holder_while_a_new_run_waits(
+    prefect_api: str, api: PrefectAPI, zombie: Zombie, sessions: Path, db: Path, tmp_path: Path
+) -> None:
+    """A run waiting for the slot (Running in Prefect, alive) does not hide that a dead run
+    holds it; fixing releases the dead run's lease and the waiting run goes on at once."""
+    log = tmp_path / "waiting.log"
+    waiting = _start_run(prefect_api, sessions, db, log, sleep=0)
+    try:
+        deadline = time.monotonic() + 60
+        while not [
+            r
+            for r in api.flow_runs(flow_names=[flow_name("linecount")], states=("RUNNING",))
+            if r["id"] != zombie.flow_run_id
+        ]:
+            assert time.monotonic() < deadline and waiting.poll() is None, log.read_text()
+            time.sleep(0.2)
+        report = doctor(db, api, fix=False)
+        zombie_name = report.zombies[0].name
+        assert report.leaked_slots == [SlotFinding("linecount", SLOT, 1, (zombie_name,))]
+        assert report.lines()[-1] == (
+            f"leaked slot: {SLOT} has 1 active slot(s) held by dead run {zombie_name}; "
+            "not released (report only)"
+        )
+        assert _slots(api) == 1
+        fixed = doctor(db, api)
+        assert fixed.slots_freed == [SLOT]
+        code, out = _run_output(waiting, log, timeout=90)
+        assert code == 0, out[-2000:]
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait(timeout=30)
 
 
 def test_nothing_wrong_reports_nothing_and_changes_nothing(
@@ -194,8 +276,9 @@ def test_report_only_changes_nothing(api: PrefectAPI, zombie: Zombie, db: Path) 
     report = doctor(db, api, fix=False)
 
     assert [z.flow_run_id for z in report.zombies] == [zombie.flow_run_id]
-    assert report.leaked_slots == [SlotFinding("linecount", SLOT, 1)]
-    assert report.crashed == report.slots_reset == report.ledger_closed == []
+    name = report.zombies[0].name
+    assert report.leaked_slots == [SlotFinding("linecount", SLOT, 1, (name,))]
+    assert report.crashed == report.slots_freed == report.ledger_closed == []
     assert all(line.endswith("(report only)") for line in report.lines())
     assert len(report.lines()) == 2
     assert _state(api, zombie.flow_run_id) == "RUNNING" and _slots(api) == 1

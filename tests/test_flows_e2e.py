@@ -209,6 +209,8 @@ def test_two_processors_in_two_processes_at_once(
     ]
     statuses = 0
     deadline = time.monotonic() + 240
+    while not db.exists() and time.monotonic() < deadline:  # `status` needs a state file
+        time.sleep(0.05)
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
         status = subprocess.run(
             [exe, "status", "--db", str(db)], env=env, capture_output=True, text=True, timeout=120
@@ -244,19 +246,15 @@ def test_a_slot_release_that_fails_does_not_fail_a_finished_run(
     """The server gone at the very end: the work is committed, so the run completes and says
     the slot frees itself when its lease expires (the slot is really released here, then the
     release reports an error, as a dropped connection would)."""
-    import contextlib
-
     import httpx
 
-    real = processor_flow.concurrency
+    real = processor_flow.ProcessorSlot.release
 
-    @contextlib.contextmanager
-    def release_fails(*args: Any, **kwargs: Any) -> Any:
-        with real(*args, **kwargs):
-            yield
+    def release_fails(self: processor_flow.ProcessorSlot) -> None:
+        real(self)
         raise httpx.ConnectError("All connection attempts failed")
 
-    monkeypatch.setattr(processor_flow, "concurrency", release_fails)
+    monkeypatch.setattr(processor_flow.ProcessorSlot, "release", release_fails)
     write_session(data_dir, "alice/s.jsonl", [user_line("x")])
     figures = run("usage", data_dir, db)
     assert figures["processed"] == 1 and figures["errors"] == 0
