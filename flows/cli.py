@@ -114,8 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="one machine: Prefect server + UI, scheduled deployments and the webhook"
     )
-    serve.add_argument("--ui-host", default="127.0.0.1")
-    serve.add_argument("--ui-port", type=_port, default=4200)
+    serve.add_argument(
+        "--ui-host", default=None, help="default $PREFECT_SERVER_API_HOST or 127.0.0.1"
+    )
+    serve.add_argument(
+        "--ui-port", type=_port, default=None, help="default $PREFECT_SERVER_API_PORT or 4200"
+    )
     serve.add_argument("--webhook-host", default=None, help="default 127.0.0.1")
     serve.add_argument("--webhook-port", type=_port, default=None, help="default 8787")
     _paths(serve)
@@ -358,10 +362,9 @@ def cmd_webhook(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from flows.doctor import doctor
-    from flows.prefect_api import PrefectAPI
 
-    with PrefectAPI() as api:
-        report = doctor(config.db_path(args.db), api, fix=not args.report_only)
+    # PREFECT_API_URL, else the `serve` running for this state database (flows/serve.py)
+    report = doctor(config.db_path(args.db), fix=not args.report_only)
     for line in report.lines() or ["no zombie runs, no leaked concurrency slots"]:
         print(line)
     return 0 if report.clean or not args.report_only else 3

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -29,7 +31,7 @@ from typing import Any
 import httpx
 
 from flows.cadence import interval_seconds
-from flows.doctor import doctor
+from flows.doctor import doctor, process_alive
 from flows.names import flow_name
 from flows.prefect_api import PrefectAPI, PrefectUnavailable
 from processors import registry
@@ -55,8 +57,73 @@ SERVER_ENV = {
 }
 
 
+DEFAULT_UI_HOST = "127.0.0.1"
+DEFAULT_UI_PORT = 4200
+HOST_ENV, PORT_ENV = "PREFECT_SERVER_API_HOST", "PREFECT_SERVER_API_PORT"
+
+
 class ServeError(Exception):
     """serve cannot start or go on; one line for the user."""
+
+
+def server_address(host: str | None, port: int | None) -> tuple[str, int]:
+    """Where the Prefect server serve starts listens: the flags, else Prefect's own
+    PREFECT_SERVER_API_HOST / PREFECT_SERVER_API_PORT, else 127.0.0.1:4200."""
+    host = host or os.environ.get(HOST_ENV) or DEFAULT_UI_HOST
+    if port is None:
+        raw = os.environ.get(PORT_ENV)
+        if raw is None:
+            port = DEFAULT_UI_PORT
+        elif not raw.strip().isdigit() or not 0 < int(raw) < 65536:
+            raise ConfigError(f"{PORT_ENV} must be a port number (1-65535), got {raw!r}")
+        else:
+            port = int(raw)
+    return host, port
+
+
+# the local serve's address ----------------------------------------------------------------
+
+
+def serve_file(db: Path) -> Path:
+    """`pipeline.duckdb.serve.json` beside the state database: the API URL and pid of the
+    `serve` running for it, so `doctor` and `run` find it without PREFECT_API_URL."""
+    db = Path(db).resolve()
+    return db.with_name(f"{db.name}.serve.json")
+
+
+def local_serve_api_url(db: Path | str) -> str | None:
+    """The Prefect API URL of the `session-pipeline serve` running for this state database
+    on this machine, or None (none running; a file left by one that died is ignored)."""
+    try:
+        record = json.loads(serve_file(Path(db)).read_text())
+        pid, url = int(record["pid"]), str(record["api_url"])
+        started = datetime.fromisoformat(record["started_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return url if process_alive(pid, started) else None
+
+
+def _write_serve_file(db: Path, api_url: str, ui: str | None, webhook: str) -> Path:
+    path = serve_file(db)
+    record = {
+        "api_url": api_url,
+        "ui_url": ui,
+        "webhook_url": webhook,
+        "pid": os.getpid(),
+        "started_at": datetime.now(UTC).isoformat(),
+    }
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    partial.replace(path)
+    return path
+
+
+def _remove_serve_file(db: Path) -> None:
+    """Remove the file if it is ours (another serve may have replaced it since)."""
+    path = serve_file(db)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        if int(json.loads(path.read_text())["pid"]) == os.getpid():
+            path.unlink()
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -270,8 +337,16 @@ def _run(
     if not api_url:
         ui = f"http://{_url_host(ui_host)}:{ui_port}"
         api_url = f"{ui}/api"
-        server_env = {**env, **SERVER_ENV}
-        server_env.pop("PREFECT_API_URL", None)
+        # The server's own address, so its UI calls this API whatever the port (by default
+        # the UI is told 127.0.0.1:4200, another server or none).
+        server_env = {
+            **env,
+            **SERVER_ENV,
+            "PREFECT_API_URL": api_url,
+            "PREFECT_UI_API_URL": api_url,
+            HOST_ENV: ui_host,
+            PORT_ENV: str(ui_port),
+        }
         print(f"{PROG}: starting the Prefect server on {ui} …", flush=True)
         sup.start(
             "Prefect server",
@@ -308,6 +383,7 @@ def _run(
     paths = ["--data-dir", str(plan.data_dir), "--db", str(plan.db)]
     sup.start("runner", [*MODULE, "flows.runner", *paths], env)
     webhook = f"http://{_url_host(webhook_host)}:{webhook_port}"
+    _write_serve_file(plan.db, api_url, ui, webhook)
     sup.start(
         "webhook",
         [*MODULE, "flows.webhook", "--host", webhook_host, "--port", str(webhook_port), *paths],
@@ -327,7 +403,7 @@ def _run(
     print(f"  Prefect API  {api_url}", flush=True)
     print(f"  webhook      {webhook}  (POST /processors/<name>/runs, GET /health)", flush=True)
     print(f"  data dir     {plan.data_dir}", flush=True)
-    print(f"  state db     {plan.db}", flush=True)
+    print(f"  state db     {plan.db}  (serve's address in {serve_file(plan.db).name})", flush=True)
     for name, seconds in plan.cadences.items():
         print(f"  {name:<12} {_every(seconds)}  (deployment {flow_name(name)}/{name})", flush=True)
     for name, why in plan.disabled.items():
@@ -344,15 +420,19 @@ def serve(
     data_dir: str | None,
     db: str | None,
     *,
-    ui_host: str = "127.0.0.1",
-    ui_port: int = 4200,
+    ui_host: str | None = None,
+    ui_port: int | None = None,
     webhook_host: str = "127.0.0.1",
     webhook_port: int = 8787,
 ) -> int:
     """Run the server (unless PREFECT_API_URL is set), the runner and the webhook until
-    SIGINT/SIGTERM (exit 0) or until one of them dies (exit 1). Call from the main thread."""
+    SIGINT/SIGTERM (exit 0) or until one of them dies (exit 1). Call from the main thread.
+    The server listens on `ui_host`:`ui_port`, by default PREFECT_SERVER_API_HOST/PORT or
+    127.0.0.1:4200."""
     try:
         from flows.webhook import TOKEN_ENV, is_loopback
+
+        ui_host, ui_port = server_address(ui_host, ui_port)
 
         if not is_loopback(webhook_host) and not os.environ.get(TOKEN_ENV):
             raise ServeError(f"refusing to listen on {webhook_host} without {TOKEN_ENV}")
@@ -381,6 +461,7 @@ def serve(
         code = 1
     finally:
         sup.stop_all()
+        _remove_serve_file(plan.db)
         for s, handler in previous.items():
             signal.signal(s, handler)
     print(f"{PROG}: stopped", flush=True)
@@ -392,8 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"{PROG} serve")
     parser.add_argument("--data-dir")
     parser.add_argument("--db")
-    parser.add_argument("--ui-host", default="127.0.0.1")
-    parser.add_argument("--ui-port", type=int, default=4200)
+    parser.add_argument("--ui-host", help=f"default ${HOST_ENV} or {DEFAULT_UI_HOST}")
+    parser.add_argument("--ui-port", type=int, help=f"default ${PORT_ENV} or {DEFAULT_UI_PORT}")
     parser.add_argument("--webhook-host", default="127.0.0.1")
     parser.add_argument("--webhook-port", type=int, default=8787)
     args = parser.parse_args(argv)

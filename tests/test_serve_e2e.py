@@ -21,7 +21,7 @@ import pytest
 
 from flows.cadence import ANCHOR
 from flows.doctor import process_alive
-from flows.serve import port_in_use
+from flows.serve import local_serve_api_url, port_in_use, serve_file
 from state.db import connect
 from tests.conftest import EXAMPLES
 
@@ -173,6 +173,10 @@ def _run_to_the_end(api: str, deployment_id: str) -> dict[str, Any]:
 
 
 def test_serve_runs_everything_and_stops_cleanly(serve: Serve, tmp_path: Path) -> None:
+    # the server's port from Prefect's own variable (no --ui-port), not the default 4200
+    at = serve.argv.index("--ui-port")
+    serve.env["PREFECT_SERVER_API_PORT"] = serve.argv[at + 1]
+    del serve.argv[at : at + 2]
     started = time.monotonic()
     proc = serve.start()
     serve.wait_for(READY)
@@ -190,6 +194,23 @@ def test_serve_runs_everything_and_stops_cleanly(serve: Serve, tmp_path: Path) -
 
     assert _call("GET", f"{serve.api}/health").json() is True
     assert "<html" in httpx.get(serve.ui, timeout=10).text.lower()  # the UI, served offline
+    # the UI calls this server's API, not 127.0.0.1:4200's
+    assert _call("GET", f"{serve.ui}/ui-settings").json()["api_url"] == serve.api
+
+    # doctor finds this serve without PREFECT_API_URL, from the file beside the state db
+    db = tmp_path / "state" / "pipeline.duckdb"
+    assert local_serve_api_url(db) == serve.api
+    exe = str(Path(sys.executable).with_name("session-pipeline"))
+    no_url = {k: v for k, v in serve.env.items() if k != "PREFECT_API_URL"}
+    doctored = subprocess.run(
+        [exe, "doctor", "--report-only", "--db", str(db)],
+        env=no_url,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert doctored.returncode == 0, doctored.stderr
+    assert doctored.stdout == "no zombie runs, no leaked concurrency slots\n"
     deployment = _call("GET", f"{serve.api}/deployments/name/usage-processor/usage").json()
     assert deployment["entrypoint"] == "flows/processor_flow.py:usage_processor"
     assert deployment["global_concurrency_limit"]["limit"] == 1
@@ -241,6 +262,7 @@ def test_serve_runs_everything_and_stops_cleanly(serve: Serve, tmp_path: Path) -
     stop_seconds = time.monotonic() - stopping
     assert _wait_until_gone([proc.pid, *seen]) == [], seen
     assert "SIGTERM received, stopping" in serve.output()
+    assert local_serve_api_url(db) is None and not serve_file(db).exists()
     assert not port_in_use("127.0.0.1", int(port))
     assert not port_in_use("127.0.0.1", int(serve.webhook.rsplit(":", 1)[1]))
     print(f"ready {ready_after:.1f}s, triggered run {run_seconds:.1f}s, stop {stop_seconds:.1f}s")
@@ -310,9 +332,10 @@ def test_after_a_crash_the_next_serve_clears_the_zombie(
     out = serve.output()
     assert "doctor: zombie run linecount-" in out and "is gone; marked Crashed" in out
     assert (
-        "doctor: leaked slot: session-pipeline-linecount has 1 active slot(s) but no linecount "
-        "run is alive; reset to 0" in out
+        "doctor: leaked slot: session-pipeline-linecount has 1 active slot(s) held by dead run "
+        "linecount-" in out
     )
+    assert "; released its lease" in out
     assert _call("GET", f"{serve.api}/flow_runs/{doomed['id']}").json()["state_type"] == "CRASHED"
     run = _run_to_the_end(serve.api, linecount["id"])
     assert run["state_type"] == "COMPLETED", run["state"]
