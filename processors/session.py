@@ -1,5 +1,6 @@
 """One session transcript as a processor sees it: identity from its path, and a single
-streaming pass over its parsed lines.
+streaming pass over its lines, parsed to dicts (`lines()`) or decoded to the typed shape a
+processor declares (`typed_lines(Shape)`, a `msgspec.Struct` of only the fields it reads).
 
 The pipeline stats a file, then reads exactly that many bytes, hashing them as it goes: the
 hash, size and mtime recorded for a session always describe the bytes that were processed, so
@@ -13,12 +14,19 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
+import msgspec
 import orjson
 
 CHUNK_BYTES = 1 << 20
+# Decoded a chunk at a time up to this size; a longer run of lines (a line longer than a chunk)
+# goes line by line, so a huge line is not copied again to be decoded.
+BULK_BYTES = 8 << 20
+S = TypeVar("S", bound=msgspec.Struct)
+_TO_COMMAS = bytes.maketrans(b"\n", b",")
 
 
 class FileChangedError(Exception):
@@ -61,6 +69,7 @@ class Session:
 
     `lines()` yields each complete line that parses to a JSON object. Malformed lines, and
     lines that are valid JSON but not objects, are counted in `malformed_lines` and skipped.
+    `typed_lines(Shape)` yields the same lines decoded as `Shape` instead (see there).
     A last line without its newline is an append in progress: it is not yielded, and the
     next run (which will see a new size) reads it.
 
@@ -120,8 +129,10 @@ class Session:
             self._consumed += len(chunk)
             yield chunk
 
-    def _raw_lines(self) -> Iterator[bytes]:
-        """Complete lines as bytes, hashing exactly the bytes up to the last newline seen."""
+    def _complete_runs(self) -> Iterator[bytes]:
+        """Per chunk read, the complete lines it ends as one bytes object ending in a newline
+        (with the start of its first line, read in earlier chunks), hashing exactly the bytes
+        up to the last newline seen."""
         pending: list[bytes] = []  # pieces of a line longer than a chunk: joined once, not O(n²)
         for chunk in self._chunks():
             last = chunk.rfind(b"\n")
@@ -132,16 +143,22 @@ class Session:
                 self._hasher.update(piece)
             self._hasher.update(memoryview(chunk)[: last + 1])
             self.complete_offset = self._consumed - (len(chunk) - last - 1)
-            pieces = chunk.split(b"\n")  # one C-level pass, not a find() per line
-            tail = pieces.pop()  # the bytes after the last newline: the next line's start
+            run = chunk if last + 1 == len(chunk) else chunk[: last + 1]
             if pending:
-                pending.append(pieces[0])
-                pieces[0] = b"".join(pending)
+                pending.append(run)
+                run = b"".join(pending)
                 pending.clear()
-            yield from pieces
-            if tail:
-                pending.append(tail)
+            yield run
+            if last + 1 < len(chunk):
+                pending.append(chunk[last + 1 :])
         self._tail = pending
+
+    def _raw_lines(self) -> Iterator[bytes]:
+        """Complete lines as bytes, without their newline."""
+        for run in self._complete_runs():
+            pieces = run.split(b"\n")  # one C-level pass, not a find() per line
+            pieces.pop()  # (empty: the run ends with its newline)
+            yield from pieces
 
     def lines(self) -> Iterator[dict[str, Any]]:
         if self._reader is not None:
@@ -160,6 +177,46 @@ class Session:
                 yield value
             else:
                 self.malformed_lines += 1
+
+    def typed_lines(self, shape: type[S]) -> Iterator[S]:
+        """Each complete line decoded as `shape`, a `msgspec.Struct` declaring only the fields
+        a processor reads: the rest of the line (tool results, file contents) is skipped, not
+        turned into Python objects.
+
+        Exactly the lines `lines()` yields, in order: a line is malformed when it is not a
+        JSON object (orjson's judgement: invalid UTF-8 anywhere in it included), never because
+        a field has a type the shape does not expect, so a shape must accept any JSON value
+        where real lines vary (`Any`, or a union covering every JSON type). One exception:
+        a number beyond the range of a double in a field the shape skips does not make the
+        line malformed (orjson rejects it; msgspec skips it unread).
+
+        Lines are decoded a chunk (1 MB) at a time, as one JSON array with a comma for every
+        newline: that decodes only when every line is exactly one JSON object. A chunk that
+        does not (a malformed or blank line in it) is decoded line by line.
+        """
+        if self._reader is not None:
+            raise RuntimeError("Session lines can be iterated once")
+        bulk, single = _decoders(shape)
+        self._reader = runs = self._complete_runs()
+        for run in runs:
+            if len(run) <= BULK_BYTES:
+                values = _decode_run(bulk, run)
+                if values is not None:
+                    yield from values
+                    continue
+            if run.find(b"\n") == len(run) - 1:  # one line: decoded as it is, not copied
+                lines: Any = (run,)
+            else:
+                lines = run.split(b"\n")
+                lines.pop()
+            for raw in lines:
+                if not raw.strip():
+                    continue
+                value = _decode_line(single, shape, raw)
+                if value is None:
+                    self.malformed_lines += 1
+                else:
+                    yield value
 
     def finish(self) -> str:
         """Read whatever the processor left unread and return the hash of all the bytes."""
@@ -199,6 +256,58 @@ class Session:
                 start=start,
                 _hasher=hasher,
             )
+
+
+@lru_cache(maxsize=64)
+def _decoders(shape: type[Any]) -> tuple[msgspec.json.Decoder[Any], msgspec.json.Decoder[Any]]:
+    """A decoder of a run of lines as one array of `shape`, and one of a single line."""
+    return msgspec.json.Decoder(list[shape]), msgspec.json.Decoder(shape)  # type: ignore[valid-type]
+
+
+def _utf8(data: bytes) -> bool:
+    """Whether bytes are valid UTF-8 (msgspec does not look inside the strings it skips)."""
+    if data.isascii():
+        return True
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _decode_run(decoder: msgspec.json.Decoder[Any], run: bytes) -> list[Any] | None:
+    """The lines of a run (each ending in a newline) decoded in one call, or None when any
+    of them is not exactly one JSON object of the shape: a comma in place of every newline
+    makes the run one JSON array, which does not decode if a line is blank, holds two values
+    or ends inside one."""
+    if not _utf8(run):
+        return None
+    array = b"".join((b"[", memoryview(run.translate(_TO_COMMAS))[:-1], b"]"))
+    try:
+        values: list[Any] = decoder.decode(array)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return values
+
+
+def _decode_line(decoder: msgspec.json.Decoder[Any], shape: type[Any], raw: bytes) -> Any:
+    """One line decoded as `shape`, or None when orjson would not take it as an object."""
+    try:
+        value = decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        pass  # not JSON, not an object, or deeper than msgspec goes: orjson decides
+    else:
+        return value if _utf8(raw) else None
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    try:
+        return msgspec.convert(parsed, shape)
+    except (msgspec.ValidationError, RecursionError):
+        return None
 
 
 def hash_into(f: IO[bytes], size: int, hasher: Any) -> None:

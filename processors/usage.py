@@ -16,12 +16,13 @@ import base64
 import zlib
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
+import msgspec
 import orjson
 
 from processors.base import ColumnRows, Increment, ProcessResult, Table, WholeReadNeeded
@@ -188,6 +189,81 @@ FROM (
 WHERE copy_rank = 1"""
 
 
+# --- the lines, as usage reads them -----------------------------------------------------------
+#
+# Only the fields usage reads are declared: the rest of a line (tool results, file contents,
+# thinking) is skipped by the decoder, never made into Python objects. Real lines can carry any
+# type anywhere, and such a line is still a line (counted, its other fields read): so a field is
+# `Any`, or a union of a shape and every other JSON type, and never fails to decode.
+
+
+class _Object(msgspec.Struct, gc=False):
+    """Any JSON object whose fields usage does not read."""
+
+
+# Every JSON type but an object: with a shape of its own, a union that takes any value.
+_Other = str | int | float | bool | list[Any] | None
+
+
+class ToolInput(msgspec.Struct, gc=False):
+    skill: Any = None
+    name: Any = None
+    subagent_type: Any = None
+
+
+class Block(msgspec.Struct, gc=False):
+    """A content block: `tool_use`, `tool_result`, `text`, … (its content is skipped)."""
+
+    type: Any = None
+    id: Any = None
+    name: Any = None
+    input: ToolInput | _Other = None
+    tool_use_id: Any = None
+    is_error: Any = None
+    text: Any = None
+
+
+class CacheCreation(msgspec.Struct, gc=False):
+    ephemeral_5m_input_tokens: Any = None
+    ephemeral_1h_input_tokens: Any = None
+
+
+class TokenUsage(msgspec.Struct, gc=False):
+    input_tokens: Any = None
+    output_tokens: Any = None
+    cache_creation_input_tokens: Any = None
+    cache_read_input_tokens: Any = None
+    cache_creation: CacheCreation | _Other = None
+    service_tier: Any = None
+
+
+class Message(msgspec.Struct, gc=False):
+    id: Any = None
+    model: Any = None
+    stop_reason: Any = None
+    usage: TokenUsage | _Other = None
+    content: list[Block | _Other] | _Object | str | int | float | bool | None = None
+
+
+class Line(msgspec.Struct, gc=False):
+    """One transcript line, as far as usage reads it."""
+
+    type: Any = None
+    timestamp: Any = None
+    sessionId: Any = None
+    agentId: Any = None
+    isSidechain: Any = None
+    isMeta: Any = None
+    isCompactSummary: Any = None
+    isApiErrorMessage: Any = None
+    cwd: Any = None
+    gitBranch: Any = None
+    version: Any = None
+    uuid: Any = None
+    requestId: Any = None
+    message: Message | _Other = None
+
+
 # --- tolerant field access: real lines can carry any type anywhere ---------------------------
 
 
@@ -212,11 +288,6 @@ def _int(value: object) -> int | None:
     return number if number is not None and 0 <= number <= MAX_BIGINT else None
 
 
-def _dict(value: object) -> Mapping[str, Any]:
-    """The value when it is an object, else an empty one, so `.get` chains never raise."""
-    return value if isinstance(value, dict) else {}
-
-
 def _timestamp(value: object) -> datetime | None:
     """An aware UTC datetime from an ISO-8601 string (naive means UTC), else None."""
     if not isinstance(value, str) or not value:
@@ -237,16 +308,11 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def _blocks(content: object) -> Iterable[Mapping[str, Any]]:
-    """The dict blocks of a content list (strings, numbers and None yield nothing)."""
-    if isinstance(content, list):  # (a list: cheaper than a generator for a few blocks)
-        return [block for block in content if isinstance(block, dict)]
-    return ()
-
-
-def _block_type(block: Mapping[str, Any]) -> str | None:
-    """A block's `type`, only when it is a string (a list there would not even hash)."""
-    return _str(block.get("type"))
+def _blocks(content: object) -> list[Block]:
+    """The object blocks of a content list (strings, numbers and None yield nothing)."""
+    if isinstance(content, list):
+        return [block for block in content if isinstance(block, Block)]
+    return []
 
 
 def _texts(content: object) -> Iterable[str]:
@@ -255,8 +321,8 @@ def _texts(content: object) -> Iterable[str]:
         yield content
         return
     for block in _blocks(content):
-        if block.get("type") == "text" and isinstance(block.get("text"), str):
-            yield block["text"]
+        if block.type == "text" and isinstance(block.text, str):
+            yield block.text
 
 
 # --- classification ------------------------------------------------------------------------
@@ -275,15 +341,17 @@ class ToolKind:
 
 
 _PLAIN_TOOL = ToolKind("tool")
+_NO_INPUT = ToolInput()
+_NO_USAGE = TokenUsage()
 
 
 def classify_tool(name: str, tool_input: object) -> ToolKind:
     """Skill / subagent / MCP / plain tool, with the name that matters for each."""
+    args = tool_input if isinstance(tool_input, ToolInput) else _NO_INPUT
     if name == "Skill":
-        args = _dict(tool_input)
-        return ToolKind("skill", skill_name=_str(args.get("skill")) or _str(args.get("name")))
+        return ToolKind("skill", skill_name=_str(args.skill) or _str(args.name))
     if name in SUBAGENT_TOOLS:
-        return ToolKind("subagent", subagent_type=_str(_dict(tool_input).get("subagent_type")))
+        return ToolKind("subagent", subagent_type=_str(args.subagent_type))
     if name.startswith("mcp__"):
         return _mcp_kind(name)
     return _PLAIN_TOOL  # (kinds are frozen: one instance serves every plain call)
@@ -315,21 +383,21 @@ def slash_command(content: object) -> tuple[str, str | None] | None:
     return None
 
 
-def _may_be_typed(line: Mapping[str, Any]) -> bool:
+def _may_be_typed(line: Line) -> bool:
     """Subagent prompts and compaction summaries are written by the model, even when they
     quote a `<command-name>` tag."""
-    return line.get("isSidechain") is not True and line.get("isCompactSummary") is not True
+    return line.isSidechain is not True and line.isCompactSummary is not True
 
 
-def _is_human_turn(line: Mapping[str, Any], content: object) -> bool:
+def _is_human_turn(line: Line, content: object) -> bool:
     """A turn the person typed: not meta, not a subagent prompt, not a compaction summary,
     not only tool results, not echoed local-command output."""
-    if line.get("isMeta") is True or not _may_be_typed(line):
+    if line.isMeta is True or not _may_be_typed(line):
         return False
     if isinstance(content, str):
         text = content.strip()
         return bool(text) and not text.startswith(_LOCAL_COMMAND_OUTPUT)
-    return any(_block_type(block) in _HUMAN_BLOCKS for block in _blocks(content))
+    return any(_str(block.type) in _HUMAN_BLOCKS for block in _blocks(content))
 
 
 # --- resumable per-file state ----------------------------------------------------------------
@@ -406,6 +474,8 @@ _E_MCP_TOOL = _EVENTS.at("mcp_tool")
 _E_MCP_PLUGIN = _EVENTS.at("mcp_plugin")
 _E_TOOL_USE_ID = _EVENTS.at("tool_use_id")
 _E_IS_ERROR = _EVENTS.at("is_error")
+_E_COMMAND = _EVENTS.at("command_name")
+_E_ARGS = _EVENTS.at("command_args")
 _E_MODEL = _EVENTS.at("model")
 _E_CWD = _EVENTS.at("cwd")
 _E_GIT_BRANCH = _EVENTS.at("git_branch")
@@ -602,10 +672,6 @@ class _UsageState:
     def _text(self, index: int | None) -> str | None:
         return None if index is None else self.strings[index]
 
-    def _pack(self, layout: _Layout, values: Mapping[str, Any]) -> list[Any]:
-        intern, get = self._id, values.get
-        return [intern(get(name)) if is_string else get(name) for name, is_string in layout.packing]
-
     def _columns(self, session: Session, layout: _Layout, entries: list[list[Any]]) -> ColumnRows:
         """Entries as rows, column by column in table order (no dict per row)."""
         strings = self.strings
@@ -626,23 +692,24 @@ class _UsageState:
 
     # --- lines ---
 
-    def add_line(self, session: Session, line: Mapping[str, Any]) -> None:
+    def add_line(self, session: Session, line: Line) -> None:
         """Count a line, record its time and workspace context, and take what it carries."""
         data = self.data
         data["lines"] += 1
-        data["session_id"] = data["session_id"] or _str(line.get("sessionId"))
-        data["cwd"] = data["cwd"] or _str(line.get("cwd"))
-        data["git_branch"] = _str(line.get("gitBranch")) or data["git_branch"]
-        data["claude_version"] = _str(line.get("version")) or data["claude_version"]
-        ts = _timestamp(line.get("timestamp"))
+        data["session_id"] = data["session_id"] or _str(line.sessionId)
+        data["cwd"] = data["cwd"] or _str(line.cwd)
+        data["git_branch"] = _str(line.gitBranch) or data["git_branch"]
+        data["claude_version"] = _str(line.version) or data["claude_version"]
+        ts = _timestamp(line.timestamp)
         at = _micros(ts) if ts is not None else None
         if at is not None:
             self._add_time(at)
-        line_type = line.get("type")
-        if line_type == "user":
-            self._add_user(session, line, at)
-        elif line_type == "assistant":
-            self._add_assistant(session, line, at)
+        message = line.message
+        if isinstance(message, Message):
+            if line.type == "user":
+                self._add_user(session, line, message, at)
+            elif line.type == "assistant":
+                self._add_assistant(session, line, message, at)
 
     def _add_time(self, at: int) -> None:
         """Merge a timestamp into the activity spans. The sum of gaps of at most the idle gap
@@ -670,13 +737,19 @@ class _UsageState:
         else:
             spans.insert(i, [at, at])
 
-    def _common(self, session: Session, line: Mapping[str, Any]) -> dict[str, Any]:
-        """Columns every row of a line shares (besides the per-file ones)."""
-        return {
-            "session_id": _str(line.get("sessionId")) or session.session_id,
-            "agent_id": _str(line.get("agentId")) or session.agent_id,
-            "is_sidechain": line.get("isSidechain") is True,
-        }
+    def _new_event(self, session: Session, line: Line, event_id: str, at: int | None) -> list[Any]:
+        """An event entry with the columns every event of a line shares, its strings interned
+        in column order."""
+        intern = self._id
+        entry: list[Any] = [None] * len(_EVENTS.fields)
+        entry[_E_EVENT_ID] = intern(event_id)
+        entry[_E_SESSION_ID] = intern(_str(line.sessionId) or session.session_id)
+        entry[_E_AGENT_ID] = intern(_str(line.agentId) or session.agent_id)
+        entry[_E_SIDECHAIN] = line.isSidechain is True
+        entry[_E_CWD] = intern(_str(line.cwd))
+        entry[_E_GIT_BRANCH] = intern(_str(line.gitBranch))
+        entry[_E_AT] = at
+        return entry
 
     def _event_id(self, preferred: str | None, fallback: str) -> str:
         """A key no other event of the file has: rows are replaced by it."""
@@ -696,9 +769,6 @@ class _UsageState:
         if self.seen and _digest(key) in self.seen:
             raise WholeReadNeeded(f"lines refer to an entry read long before ({key[1:]!r})")
 
-    def _add_event(self, values: Mapping[str, Any]) -> None:
-        self._append_event(self._pack(_EVENTS, values))
-
     def _append_event(self, entry: list[Any]) -> None:
         index = len(self.events)
         self.events.append(entry)
@@ -707,35 +777,23 @@ class _UsageState:
             self.tool_at[entry[_E_TOOL_USE_ID]] = index
         self.events_before[index] = None
 
-    def _add_user(self, session: Session, line: Mapping[str, Any], at: int | None) -> None:
+    def _add_user(self, session: Session, line: Line, message: Message, at: int | None) -> None:
         """Tool outcomes, human turns and typed slash commands from a user line."""
-        message = line.get("message")
-        if not isinstance(message, dict):
-            return
-        content = message.get("content")
+        content = message.content
         for block in _blocks(content):
-            if block.get("type") == "tool_result":
-                tool_use_id = _str(block.get("tool_use_id"))
+            if block.type == "tool_result":
+                tool_use_id = _str(block.tool_use_id)
                 if tool_use_id is not None:
-                    self._add_result(tool_use_id, failed=block.get("is_error") is True)
+                    self._add_result(tool_use_id, failed=block.is_error is True)
         if _is_human_turn(line, content):
             self.data["user_messages"] += 1
         command = slash_command(content) if _may_be_typed(line) else None
         if command is not None:
-            name, args = command
-            event_id = self._event_id(_str(line.get("uuid")), f"line:{self.data['lines']}")
-            self._add_event(
-                {
-                    **self._common(session, line),
-                    "event_id": event_id,
-                    "event_type": _SLASH,
-                    "command_name": name,
-                    "command_args": args,
-                    "cwd": _str(line.get("cwd")),
-                    "git_branch": _str(line.get("gitBranch")),
-                    "occurred_at": at,
-                }
-            )
+            event_id = self._event_id(_str(line.uuid), f"line:{self.data['lines']}")
+            entry = self._new_event(session, line, event_id, at)
+            entry[_E_TYPE] = self._id(_SLASH)
+            entry[_E_COMMAND], entry[_E_ARGS] = map(self._id, command)
+            self._append_event(entry)
 
     def _add_result(self, tool_use_id: str, failed: bool) -> None:
         """A tool call failed when any of its results says so; a result may come before its
@@ -752,53 +810,44 @@ class _UsageState:
             entry[_E_IS_ERROR] = outcome
             _replace(self.events, self.events_before, index, entry)
 
-    def _add_assistant(self, session: Session, line: Mapping[str, Any], at: int | None) -> None:
+    def _add_assistant(
+        self, session: Session, line: Line, message: Message, at: int | None
+    ) -> None:
         """Tool calls and the API request from one streamed line of a response."""
-        message = line.get("message")
-        if not isinstance(message, dict):
-            return
-        model = _str(message.get("model"))
-        if model == SYNTHETIC_MODEL or line.get("isApiErrorMessage") is True:
+        model = _str(message.model)
+        if model == SYNTHETIC_MODEL or line.isApiErrorMessage is True:
             return  # a client-side API error notice, not a request
-        message_id = _str(message.get("id"))
-        request_id = _str(line.get("requestId"))
-        common = self._common(session, line)
-        for position, block in enumerate(_blocks(message.get("content"))):
-            if block.get("type") == "tool_use":
-                self._add_tool_use(block, position, common, line, model, message_id, request_id, at)
+        message_id = _str(message.id)
+        request_id = _str(line.requestId)
+        for position, block in enumerate(_blocks(message.content)):
+            if block.type == "tool_use":
+                ids = (message_id, request_id)
+                self._add_tool_use(session, line, block, position, model, ids, at)
         if message_id is not None or request_id is not None:
-            self._add_request(message_id, request_id, message, common, model, at)
+            self._add_request(session, line, message, message_id, request_id, model, at)
 
     def _add_tool_use(
         self,
-        block: Mapping[str, Any],
+        session: Session,
+        line: Line,
+        block: Block,
         position: int,
-        common: dict[str, Any],
-        line: Mapping[str, Any],
         model: str | None,
-        message_id: str | None,
-        request_id: str | None,
+        ids: tuple[str | None, str | None],
         at: int | None,
     ) -> None:
-        name = _str(block.get("name"))
+        name = _str(block.name)
         if name is None:
             return
-        tool_use_id = _str(block.get("id"))
+        tool_use_id = _str(block.id)
         if tool_use_id is not None:
             if self.string_ids.get(tool_use_id) in self.tool_at:
                 return  # the same block repeated on another streamed line of the response
             self._not_seen("t" + tool_use_id)
-        kind = classify_tool(name, block.get("input"))
+        kind = classify_tool(name, block.input)
         event_id = self._event_id(tool_use_id, f"line:{self.data['lines']}:{position}")
         intern = self._id
-        # Built in place like a request entry (one per tool call), interning in column order
-        # as `_pack` does: a string's index is the order it was first met, so the checkpoint
-        # comes out the same.
-        entry: list[Any] = [None] * len(_EVENTS.fields)
-        entry[_E_EVENT_ID] = intern(event_id)
-        entry[_E_SESSION_ID] = intern(common["session_id"])
-        entry[_E_AGENT_ID] = intern(common["agent_id"])
-        entry[_E_SIDECHAIN] = common["is_sidechain"]
+        entry = self._new_event(session, line, event_id, at)
         entry[_E_TYPE] = intern(kind.event_type)
         entry[_E_TOOL] = intern(name)
         entry[_E_SKILL] = intern(kind.skill_name)
@@ -810,43 +859,40 @@ class _UsageState:
         # Results seen before the call; None until one arrives.
         entry[_E_IS_ERROR] = self.results.pop(tool_use_id, None) if tool_use_id else None
         entry[_E_MODEL] = intern(model)
-        entry[_E_CWD] = intern(_str(line.get("cwd")))
-        entry[_E_GIT_BRANCH] = intern(_str(line.get("gitBranch")))
-        entry[_E_MESSAGE] = intern(message_id)
-        entry[_E_REQUEST] = intern(request_id)
-        entry[_E_AT] = at
+        entry[_E_MESSAGE], entry[_E_REQUEST] = map(intern, ids)
         self._append_event(entry)
 
     def _add_request(
         self,
+        session: Session,
+        line: Line,
+        message: Message,
         message_id: str | None,
         request_id: str | None,
-        message: Mapping[str, Any],
-        common: dict[str, Any],
         model: str | None,
         at: int | None,
     ) -> None:
         """Keep the most complete line of a request: a streamed response repeats its ids on
         every line, with placeholder figures until the last."""
-        usage = _dict(message.get("usage"))
-        input_tokens = _int(usage.get("input_tokens"))
-        output_tokens = _int(usage.get("output_tokens"))
-        cache_write = _int(usage.get("cache_creation_input_tokens"))
-        cache_read = _int(usage.get("cache_read_input_tokens"))
-        split = _dict(usage.get("cache_creation"))
-        write_5m = _int(split.get("ephemeral_5m_input_tokens"))
-        write_1h = _int(split.get("ephemeral_1h_input_tokens"))
+        usage = message.usage if isinstance(message.usage, TokenUsage) else _NO_USAGE
+        input_tokens = _int(usage.input_tokens)
+        output_tokens = _int(usage.output_tokens)
+        cache_write = _int(usage.cache_creation_input_tokens)
+        cache_read = _int(usage.cache_read_input_tokens)
+        split = usage.cache_creation if isinstance(usage.cache_creation, CacheCreation) else None
+        write_5m = _int(split.ephemeral_5m_input_tokens) if split is not None else None
+        write_1h = _int(split.ephemeral_1h_input_tokens) if split is not None else None
         has_split = write_5m is not None or write_1h is not None
         if has_split and cache_write is None:
             cache_write = (write_5m or 0) + (write_1h or 0)
         intern = self._id
-        # Built in place, not packed from a dict: this runs for every streamed line.
+        # Built in place: this runs for every streamed line.
         entry: list[Any] = [None] * len(_REQUESTS.fields)
         entry[_R_INPUT] = input_tokens
         entry[_R_OUTPUT] = output_tokens
         entry[_R_CACHE_WRITE] = cache_write
         entry[_R_CACHE_READ] = cache_read
-        entry[_R_STOP] = intern(_str(message.get("stop_reason")))
+        entry[_R_STOP] = intern(_str(message.stop_reason))
 
         key = (intern(message_id), intern(request_id))
         index = self.request_at.get(key)
@@ -861,9 +907,9 @@ class _UsageState:
                 filled[_R_PRICE_MODEL] = intern(price_model(model))
                 _replace(self.requests, self.requests_before, index, filled)
             return
-        entry[_R_SESSION_ID] = intern(common["session_id"])
-        entry[_R_AGENT_ID] = intern(common["agent_id"])
-        entry[_R_SIDECHAIN] = common["is_sidechain"]
+        entry[_R_SESSION_ID] = intern(_str(line.sessionId) or session.session_id)
+        entry[_R_AGENT_ID] = intern(_str(line.agentId) or session.agent_id)
+        entry[_R_SIDECHAIN] = line.isSidechain is True
         entry[_R_MESSAGE], entry[_R_REQUEST] = key
         if model is not None:
             entry[_R_MODEL] = intern(model)
@@ -873,7 +919,7 @@ class _UsageState:
             entry[_R_PRICE_MODEL] = previous[_R_PRICE_MODEL]
         if has_split:
             entry[_R_WRITE_5M], entry[_R_WRITE_1H] = write_5m, write_1h
-        entry[_R_SERVICE_TIER] = intern(_str(usage.get("service_tier")))
+        entry[_R_SERVICE_TIER] = intern(_str(usage.service_tier))
         # The first line of the response, not the most complete one.
         first_seen = previous[_R_AT] if previous is not None else None
         entry[_R_AT] = first_seen if first_seen is not None else at
@@ -1112,6 +1158,6 @@ class UsageProcessor:
         Raises WholeReadNeeded when the lines refer to an entry the checkpoint no longer
         keeps."""
         state = _UsageState(checkpoint, self.keep_events, self.keep_requests)
-        for line in session.lines():
+        for line in session.typed_lines(Line):
             state.add_line(session, line)
         return state.increment(session)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import msgspec
 import orjson
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -28,10 +29,11 @@ from flows.pipeline import run_direct
 from flows.work import to_columns
 from processors import session as session_module
 from processors import transcript
+from processors import usage as processors_usage
 from processors.base import ProcessResult, WholeReadNeeded
 from processors.redact import MARKER, redact
 from processors.session import FileChangedError, Session, SessionIdentity
-from processors.usage import UsageProcessor
+from processors.usage import Line, UsageProcessor
 from state import store
 from state.db import connect, transaction
 from state.migrations import migrate
@@ -234,6 +236,76 @@ def test_every_complete_line_is_parsed_or_counted_and_the_hash_is_of_the_bytes(
     assert digest == hashlib.sha256(data).hexdigest()
     assert session.complete_offset == len(complete)
     assert session.complete_hash == hashlib.sha256(complete).hexdigest()
+
+
+def _same_numbers(value: Any) -> Any:
+    """orjson reads an integer past 64 bits as a float, msgspec as an int: the same number
+    for every use usage makes of it (never a token count, never a string)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**64:
+        return float(value)
+    if isinstance(value, list):
+        return [_same_numbers(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _same_numbers(item) for key, item in value.items()}
+    return value
+
+
+@PROPERTY
+@given(
+    data=transcripts() | st.binary(max_size=600),
+    chunk=st.integers(1, 64) | st.just(1 << 20),
+    bulk=st.sampled_from([8 << 20, 16]),
+)
+def test_typed_lines_are_the_parsed_lines_decoded_and_count_the_same_malformed(
+    data: bytes, chunk: int, bulk: int
+) -> None:
+    """Whatever the bytes, `typed_lines(Line)` yields exactly the lines `lines()` yields (each
+    decoded as usage's shape), counts the same malformed lines and hashes the same bytes,
+    whether the lines are decoded a chunk at a time or one by one."""
+    saved = session_module.CHUNK_BYTES, session_module.BULK_BYTES
+    session_module.CHUNK_BYTES, session_module.BULK_BYTES = chunk, bulk
+    try:
+        parsed_session, typed_session = _session(data), _session(data)
+        parsed = list(parsed_session.lines())
+        typed = list(typed_session.typed_lines(Line))
+        digests = parsed_session.finish(), typed_session.finish()
+    finally:
+        session_module.CHUNK_BYTES, session_module.BULK_BYTES = saved
+    expected = [_same_numbers(msgspec.to_builtins(msgspec.convert(v, Line))) for v in parsed]
+    assert [_same_numbers(msgspec.to_builtins(v)) for v in typed] == expected
+    assert typed_session.malformed_lines == parsed_session.malformed_lines
+    assert digests[0] == digests[1]
+    assert typed_session.complete_offset == parsed_session.complete_offset
+    assert typed_session.complete_hash == parsed_session.complete_hash
+
+
+def test_typed_lines_take_any_type_where_usage_reads_and_skip_what_is_not_json() -> None:
+    """A field of an unexpected type is no reason to drop a line, nor is nesting deeper than
+    msgspec follows (orjson does); what orjson rejects (invalid UTF-8 in a string usage never
+    reads, two objects on a line, an object across two lines, not an object) is malformed."""
+    deep = b'{"x":' + b"[" * 990 + b"]" * 990 + b"}"
+    good = [
+        b'{"type":"user","message":{"content":{"not":"a list"}}}',
+        b'{"type":["user"],"message":[1,2],"timestamp":17}',
+        b'{"type":"assistant","message":{"usage":"lots","content":[1,"two",{"type":7}]}}',
+        b'{"message":{"content":[{"type":"tool_use","input":[1]}]}}',
+        deep,
+    ]
+    bad = [
+        b'{"type":"user","toolUseResult":"\xff\xfe"}',
+        b'{"a":1} {"b":2}',
+        b'{"a":',
+        b"1}",
+        b"[1]",
+    ]
+    data = b"\n".join([*good, *bad]) + b"\n"
+    session = _session(data)
+    typed = list(session.typed_lines(Line))
+    session.finish()
+    assert len(typed) == len(good)
+    assert session.malformed_lines == len(bad)
+    assert isinstance(typed[0].message, processors_usage.Message)
+    assert typed[1].type == ["user"] and typed[1].message == [1, 2]
 
 
 @PROPERTY
