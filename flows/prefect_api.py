@@ -161,10 +161,13 @@ class PrefectAPI:
         tags: list[str],
         idempotency_key: str,
         parameters: dict[str, Any] | None = None,
+        name: str | None = None,
     ) -> dict[str, Any]:
         """Create a run now. The idempotency key makes a retried request return the run the
         first attempt created instead of a second one."""
         body: dict[str, Any] = {"tags": tags, "idempotency_key": idempotency_key}
+        if name is not None:
+            body["name"] = name
         if parameters:
             body["parameters"] = parameters
         return self._json("POST", f"/deployments/{deployment_id}/create_flow_run", json=body)

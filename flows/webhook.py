@@ -18,8 +18,10 @@ import argparse
 import asyncio
 import hmac
 import ipaddress
+import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -33,7 +35,7 @@ from fastapi.responses import JSONResponse
 
 from flows.cadence import interval_seconds
 from flows.health import health
-from flows.names import flow_name, trigger_limit_name
+from flows.names import flow_name, new_run_name, trigger_limit_name
 from flows.prefect_api import (
     COLLISION_MESSAGE,
     TERMINAL_STATES,
@@ -60,6 +62,10 @@ MAX_BODY_BYTES = 64 * 1024  # no endpoint reads a body
 BODY_TIMEOUT_SECONDS = 15.0  # a body must arrive within this, once its head has
 HEAD_TIMEOUT_SECONDS = 15.0  # a connection must complete a request head within this
 MAX_CONNECTIONS = 500  # open connections and running requests; past it, 503
+# Refused (401) calls are counted and logged, never written to the database: a flood of them
+# must not compete with runs for its lock. One log line per this many seconds at most.
+REFUSED_LOG_SECONDS = 10.0
+log = logging.getLogger("session_pipeline.webhook")
 
 
 class Refusal(Exception):
@@ -114,9 +120,30 @@ class Webhook:
     ) -> None:
         self.data_dir, self.db, self.token = data_dir, db, token or None
         self.prefect_url = prefect_url
+        self.unauthorised = 0  # refused calls since start
+        self._unlogged = 0
+        self._logged_at = float("-inf")
+        self._refusals = threading.Lock()
 
     def api(self) -> PrefectAPI:
-        return PrefectAPI(self.prefect_url or api_url())
+        return PrefectAPI(self.prefect_url or api_url(self.db))
+
+    def refused(self, caller: str, path: str) -> None:
+        """Count a 401 and log it, at most one line per REFUSED_LOG_SECONDS."""
+        with self._refusals:
+            self.unauthorised += 1
+            self._unlogged += 1
+            now = time.monotonic()
+            if now - self._logged_at < REFUSED_LOG_SECONDS:
+                return
+            count, self._unlogged, self._logged_at = self._unlogged, 0, now
+        log.warning(
+            "refused %d call(s) without the right bearer token (last: %s %s; %d since start)",
+            count,
+            caller,
+            path,
+            self.unauthorised,
+        )
 
     def authorised(self, header: str | None) -> bool:
         if self.token is None:
@@ -157,6 +184,7 @@ class Webhook:
                     deployment["id"],
                     tags=["session-pipeline", f"processor:{name}", TRIGGER_TAG],
                     idempotency_key=f"webhook-{lease}",
+                    name=new_run_name(name),  # the run keeps it: the answer and the UI agree
                 )
             finally:
                 api.release_lease(lease)
@@ -350,38 +378,37 @@ def create_app(
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _one_line(error)}, status_code=422)
 
+    def unauthorised(request: Request, caller: str) -> JSONResponse:
+        hook.refused(caller, f"{request.method} {request.url.path}")
+        return JSONResponse(
+            {"detail": "Missing or wrong bearer token"}, 401, {"WWW-Authenticate": "Bearer"}
+        )
+
     def guarded(
         request: Request, name: str | None, call: Callable[[], tuple[int, dict[str, Any]]]
     ) -> JSONResponse:
         caller = request.client.host if request.client else "unknown"
         outcome, error = "accepted", None
         if not hook.authorised(request.headers.get("authorization")):
-            status, body, outcome, error = (
-                401,
-                {"detail": "Missing or wrong bearer token"},
-                "unauthorized",
-                "unauthorized",
-            )
-        else:
-            try:
-                status, body = call()
-                outcome = "accepted" if status == 202 else "completed"
-            except Refusal as refusal:
-                status, outcome, error = refusal.status, refusal.outcome, str(refusal)
-                body = {"detail": str(refusal), **refusal.extra}
-            except (PrefectUnavailable, StateError) as unavailable:
-                status, outcome, error = 503, "unavailable", str(unavailable)
-                body = {"detail": str(unavailable)}
-            except Exception as unexpected:  # the old contract: 500 with the text
-                status, outcome = 500, "error"
-                error = f"{type(unexpected).__name__}: {unexpected}"
-                body = {"detail": error}
+            return unauthorised(request, caller)
+        try:
+            status, body = call()
+            outcome = "accepted" if status == 202 else "completed"
+        except Refusal as refusal:
+            status, outcome, error = refusal.status, refusal.outcome, str(refusal)
+            body = {"detail": str(refusal), **refusal.extra}
+        except (PrefectUnavailable, StateError) as unavailable:
+            status, outcome, error = 503, "unavailable", str(unavailable)
+            body = {"detail": str(unavailable)}
+        except Exception as unexpected:  # the old contract: 500 with the text
+            status, outcome = 500, "error"
+            error = f"{type(unexpected).__name__}: {unexpected}"
+            body = {"detail": error}
         try:
             hook.audit(caller, name, status, outcome, body, error)
         except StateError as audit_error:
             body.setdefault("audit", f"not recorded: {audit_error}")
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse(body, status_code=status)
 
     def run_call(name: str, wait: bool, timeout: float) -> Callable[[], tuple[int, dict[str, Any]]]:
         return lambda: hook.trigger(name, wait=wait, wait_timeout=timeout)
@@ -403,9 +430,7 @@ def create_app(
 
     def reading(request: Request, produce: Callable[[], Any]) -> JSONResponse:
         if not hook.authorised(request.headers.get("authorization")):
-            return JSONResponse(
-                {"detail": "Missing or wrong bearer token"}, 401, {"WWW-Authenticate": "Bearer"}
-            )
+            return unauthorised(request, request.client.host if request.client else "unknown")
         try:
             return JSONResponse(produce())
         except (StateError, ConfigError) as error:

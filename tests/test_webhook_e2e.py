@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -63,8 +64,10 @@ def _deploy(name: str) -> str:
 
 @pytest.fixture
 def webhook(prefect_api: str, data_dir: Path, db: Path, linecount: Any) -> Iterator[httpx.Client]:
-    with Served(create_app(data_dir, db, token=TOKEN, prefect_url=prefect_api)) as client:
+    app = create_app(data_dir, db, token=TOKEN, prefect_url=prefect_api)
+    with Served(app) as client:
         client.headers["Authorization"] = f"Bearer {TOKEN}"
+        client.app_state = app.state.webhook  # type: ignore[attr-defined]
         yield client
 
 
@@ -82,7 +85,9 @@ def _cancel_active(prefect_api: str, deployment_id: str) -> None:
             api.force_state(run["id"], "CANCELLED", "test cleanup")
 
 
-def test_wrong_or_missing_token_is_401_and_audited(webhook: httpx.Client, db: Path) -> None:
+def test_wrong_or_missing_token_is_401_counted_and_never_written(
+    webhook: httpx.Client, db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     for headers in (
         {"Authorization": "Bearer nope"},
         {"Authorization": ""},
@@ -92,10 +97,13 @@ def test_wrong_or_missing_token_is_401_and_audited(webhook: httpx.Client, db: Pa
         assert response.status_code == 401
         assert response.headers["www-authenticate"] == "Bearer"
     assert webhook.get("/health", headers={"Authorization": "Bearer nope"}).status_code == 401
-    assert (
-        _audit(db)
-        == [("run_session_processor:linecount", "linecount", "unauthorized", 401, False)] * 3
-    )
+    assert not db.exists()  # refused calls stay out of the database (no lock, no growth)
+    assert webhook.app_state.unauthorised == 4  # type: ignore[attr-defined]
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals == [  # one line per 10 s at most, however many calls
+        "refused 1 call(s) without the right bearer token (last: 127.0.0.1 "
+        "POST /processors/linecount/runs; 1 since start)"
+    ]
 
 
 def test_unknown_and_disabled_processors_are_400_in_the_old_shape(
@@ -152,6 +160,9 @@ def test_twenty_concurrent_triggers_create_exactly_one_run(
             runs = api.flow_runs(deployment_ids=[deployment_id])
         assert [r["id"] for r in runs] == [accepted["flow_run_id"]]
         assert "trigger:webhook" in runs[0]["tags"]
+        # named when created (not `agile-hare`), with the name the flow keeps when it starts
+        assert re.fullmatch(r"linecount-\d{8}-\d{6}", accepted["flow_run_name"])
+        assert runs[0]["name"] == accepted["flow_run_name"]
         outcomes = sorted(row[2] for row in _audit(db))
         assert outcomes == ["accepted"] + ["conflict"] * 19
     finally:

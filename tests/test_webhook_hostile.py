@@ -444,3 +444,69 @@ def test_connections_past_the_limit_get_503_until_they_are_dropped(
         finally:
             for s in hogs:
                 s.close()
+
+
+def _flood(base_url: str, total: int = 1000, threads: int = 20) -> list[int]:
+    """`total` trigger calls with a wrong token, from `threads` keep-alive clients."""
+
+    def burst(_: int) -> list[int]:
+        with httpx.Client(
+            base_url=base_url, headers={"Authorization": "Bearer wrong"}, timeout=30
+        ) as c:
+            return [
+                c.post("/processors/linecount/runs").status_code for _ in range(total // threads)
+            ]
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return [code for codes in pool.map(burst, range(threads)) for code in codes]
+
+
+def test_a_flood_of_bad_tokens_neither_grows_the_database_nor_slows_a_run(
+    prefect_api: str, data_dir: Path, db: Path, linecount: Any, tmp_path: Path
+) -> None:
+    """1,000 unauthenticated triggers (loopback) are refused without a database write: the
+    file does not change, and a run going meanwhile (a commit per task) is not held up by
+    them competing for its lock."""
+    import subprocess
+    import sys
+
+    from state.migrations import migrate
+    from tests.conftest import subprocess_env, user_line, write_session
+
+    with connect(db) as con:
+        migrate(con)
+    before = (db.stat().st_size, db.stat().st_mtime_ns)
+    app = create_app(data_dir, db, token=TOKEN, prefect_url=prefect_api)
+    with Served(app) as served:
+        assert _flood(served.base_url) == [401] * 1000
+        assert (db.stat().st_size, db.stat().st_mtime_ns) == before
+        assert not db.with_name(db.name + ".wal").exists()
+        assert app.state.webhook.unauthorised == 1000
+
+        for i in range(40):
+            write_session(data_dir, f"u{i % 4}/s{i}.jsonl", [user_line(str(i))])
+        exe = str(Path(sys.executable).with_name("session-pipeline"))
+        run = subprocess.Popen(
+            [exe, "run", "linecount", "--json", "--data-dir", str(data_dir), "--db", str(db)],
+            env=subprocess_env(prefect_api, SESSION_PIPELINE_COMMIT_SECONDS="0"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            floods = 0
+            while run.poll() is None and floods < 5:  # bounded: at most 5,000 more calls
+                assert _flood(served.base_url) == [401] * 1000
+                floods += 1
+            out, err = run.communicate(timeout=240)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait(timeout=30)
+    assert run.returncode == 0, err[-2000:]
+    assert '"processed": 40' in out and '"errors": 0' in out
+    assert floods >= 1  # the run was going while at least one flood hit
+    with connect(db, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM trigger_audit").fetchone() == (0,)
+        (seconds,) = con.execute("SELECT duration_seconds FROM processor_runs").fetchone() or (0,)
+    assert seconds < 120  # a generous bound: a run of 40 small sessions takes seconds
