@@ -30,6 +30,7 @@ import base64
 import math
 import os
 import random
+import re
 import shutil
 import string
 import time
@@ -855,6 +856,41 @@ def append_lines(meta: dict[str, Any], nbytes: int = 1024, *, round_no: int = 0)
             break
         pad = max(0, pad + nbytes - len(data))
     return data
+
+
+def late_tool_result(source: Path, meta: dict[str, Any]) -> bytes:
+    """A user line answering, with an error, the first tool call of the session at `source`:
+    appended to a big session it touches an entry the last read's checkpoint no longer keeps,
+    so the next read of the file needs the whole-read fallback (`WholeReadNeeded`)."""
+    with open(source, "rb") as f:
+        head = f.read(8 * MB)
+    found = re.search(rb'"type":"tool_use","id":"([^"]+)"', head)
+    if found is None:
+        raise ValueError(f"no tool call in the first 8 MB of {source}")
+    line = {
+        "parentUuid": meta["parent"],
+        "isSidechain": False,
+        "userType": "external",
+        "cwd": meta["base"]["cwd"],
+        "sessionId": meta["session_id"],
+        "version": meta["base"]["version"],
+        "gitBranch": meta["base"]["gitBranch"],
+        "type": "user",
+        "message": {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": found.group(1).decode(),
+                    "content": "late failure",
+                    "is_error": True,
+                }
+            ],
+        },
+        "uuid": "1a7e0000-0000-4000-a000-000000000001",
+        "timestamp": _iso(meta["end"] + 60),
+    }
+    return orjson.dumps(line) + b"\n"
 
 
 def iter_files(root: Path) -> Iterator[str]:

@@ -4,10 +4,12 @@
 
 Prints one JSON object: the RSS after the imports a run needs (the interpreter baseline),
 the peak RSS of the whole process (VmHWM, the same as `ru_maxrss`), the run's figures and
-time, and where the main thread was each time the RSS reached a new high (a sampling thread
-reads /proc/self/status every 20 ms). With `--tracemalloc` (slow: use a smaller session) the
-peak of Python's own allocations is reported too, and the biggest Python heap seen at an RSS
-high is listed by line: what is left of the RSS is native memory (DuckDB) or allocator slack.
+time, how many reads raised `WholeReadNeeded` (the run then read the file whole: figure 5
+measures that fallback too), and where the main thread was each time the RSS reached a new
+high (a sampling thread reads /proc/self/status every 20 ms). With `--tracemalloc` (slow: use
+a smaller session) the peak of Python's own allocations is reported too, and the biggest
+Python heap seen at an RSS high is listed by line: what is left of the RSS is native memory
+(DuckDB) or allocator slack.
 """
 
 from __future__ import annotations
@@ -90,6 +92,22 @@ def watch(steps: list[dict[str, Any]]) -> None:
     wrap(flows.pipeline, "commit", "commit")
 
 
+def count_whole_reads(processor: Any, raised: list[str]) -> None:
+    """Record every `WholeReadNeeded` the processor raises (the pipeline then reads whole)."""
+    from processors.base import WholeReadNeeded
+
+    original = processor.process_increment
+
+    def process_increment(session: Any, checkpoint: Any) -> Any:
+        try:
+            return original(session, checkpoint)
+        except WholeReadNeeded as error:
+            raised.append(str(error))
+            raise
+
+    processor.process_increment = process_increment
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data_dir", type=Path)
@@ -111,6 +129,8 @@ def main() -> None:
         tracemalloc.start(12)
     steps: list[dict[str, Any]] = []
     watch(steps)
+    whole_reads: list[str] = []
+    count_whole_reads(processor, whole_reads)
     sampler = Sampler(threading.get_ident(), args.tracemalloc)
     sampler.start()
     started = time.perf_counter()
@@ -126,6 +146,7 @@ def main() -> None:
         "figures": {k: v for k, v in figures.as_dict().items() if k != "errors_detail"},
         "errors_detail": figures.errors_detail[:3],
         "phases": steps,
+        "whole_reads_needed": whole_reads,
         "highs": sampler.highs[-4:],
         "pid": os.getpid(),
     }

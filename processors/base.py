@@ -121,7 +121,17 @@ class Increment:
 class WholeReadNeeded(Exception):
     """Raised by an append-safe processor when the new lines need more than its checkpoint
     keeps (a checkpoint may keep only recent state, so it does not grow with the file). The
-    pipeline then reads the file whole, in one read."""
+    pipeline then reads the file whole.
+
+    `restart`, when given, is a checkpoint to read the file whole from instead of None (the
+    empty state, naming what to keep all along, e.g. the entries these lines needed): the
+    pipeline can then read it in segments, each committed, like any big read. Should that read
+    raise WholeReadNeeded again, the file is read whole in one read, from None.
+    """
+
+    def __init__(self, message: str = "", restart: Any = None) -> None:
+        super().__init__(message)
+        self.restart = restart
 
 
 @runtime_checkable

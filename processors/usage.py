@@ -652,6 +652,9 @@ class _UsageState:
         self.seen_bytes = base64.b64decode(checkpoint["seen"])
         # Digests of keys read before and no longer kept as entries (a set: looked up per key).
         self.seen: set[int] = set(array("Q", self.seen_bytes)) if self.seen_bytes else set()
+        self.needed: list[str] = []  # keys of dropped entries these lines touch
+        # Digests of the keys of events a whole read keeps all along, never dropped.
+        self.pinned: set[int] = set(checkpoint.get("pinned", ()))
         # Each entry this read added (None) or changed (a copy as it was before): a row is
         # returned when it differs from that, not whenever a line touched it.
         self.events_before: dict[int, list[Any] | None] = {}
@@ -764,10 +767,32 @@ class _UsageState:
         return f"{fallback}#{n}"
 
     def _not_seen(self, key: str) -> None:
-        """Raise WholeReadNeeded when a key that is not among the kept entries was read
-        before: what these lines do to it depends on an entry the checkpoint dropped."""
+        """Note a key that is not among the kept entries but was read before: what these lines
+        do to it depends on an entry the checkpoint dropped, so the read will raise
+        WholeReadNeeded (after its last line, to name every such key)."""
         if self.seen and _digest(key) in self.seen:
-            raise WholeReadNeeded(f"lines refer to an entry read long before ({key[1:]!r})")
+            self.needed.append(key)
+
+    def whole_read_needed(self) -> WholeReadNeeded:
+        """What to raise when these lines touched dropped entries: the file is to be read whole,
+        from a checkpoint that keeps the tool calls they touched all along (so a whole read in
+        segments does not drop them again); from nothing when they touched a request (whose
+        place in the file's order a kept entry cannot hold)."""
+        keys = sorted(set(self.needed))
+        error = f"lines refer to {len(keys)} entries read long before ({keys[0][1:]!r}, …)"
+        if any(key.startswith("r") for key in keys):
+            return WholeReadNeeded(error)
+        restart = _empty_checkpoint()
+        restart["pinned"] = sorted({_digest(key) for key in keys} | self.pinned)
+        return WholeReadNeeded(error, restart=restart)
+
+    def _pinned(self, entry: list[Any]) -> bool:
+        """Whether an event is to be kept all along (a whole read's restart names it)."""
+        return any(
+            entry[position] is not None
+            and _digest(kind + self.strings[entry[position]]) in self.pinned
+            for kind, position in (("e", _E_EVENT_ID), ("t", _E_TOOL_USE_ID))
+        )
 
     def _append_event(self, entry: list[Any]) -> None:
         index = len(self.events)
@@ -1008,9 +1033,13 @@ class _UsageState:
         seen = self.seen_bytes
         if dropped_events or dropped_requests:
             text = self._text
+            dropped, kept = events[:dropped_events], events[dropped_events:]
+            if self.pinned:
+                kept = [entry for entry in dropped if self._pinned(entry)] + kept
+                dropped = [entry for entry in dropped if not self._pinned(entry)]
             digests = [
                 _digest(f"{kind}{text(entry[position])}")
-                for entry in events[:dropped_events]
+                for entry in dropped
                 for kind, position in (("e", _E_EVENT_ID), ("t", _E_TOOL_USE_ID))
                 if entry[position] is not None
             ]
@@ -1019,9 +1048,7 @@ class _UsageState:
                 for entry in requests[:dropped_requests]
             )
             seen += array("Q", digests).tobytes()
-            events, requests, strings = self._renumbered(
-                events[dropped_events:], requests[dropped_requests:]
-            )
+            events, requests, strings = self._renumbered(kept, requests[dropped_requests:])
         return {
             **self.data,
             "spans": [list(span) for span in self.spans],
@@ -1160,4 +1187,6 @@ class UsageProcessor:
         state = _UsageState(checkpoint, self.keep_events, self.keep_requests)
         for line in session.typed_lines(Line):
             state.add_line(session, line)
+        if state.needed:
+            raise state.whole_read_needed()
         return state.increment(session)

@@ -119,13 +119,15 @@ def read_in_steps(
     path: Path,
     key: str,
     processor: UsageProcessor = PROCESSOR,
+    first: Any = None,
 ) -> tuple[dict[str, list[Values]], int, int, int]:
     """Write the file in pieces ending at each cut (then the rest), reading after each piece
-    from where the last read stopped; merge rows by key (a whole read replaces them all).
-    Returns rows, items, reads and how many of them had to be whole reads."""
+    from where the last read stopped, the first from checkpoint `first`; merge rows by key (a
+    whole read replaces them all). Returns rows, items, reads and how many of them had to be
+    whole reads."""
     merged: dict[str, dict[Values, Values]] = {t.name: {} for t in TABLES}
     path.write_bytes(b"")
-    written, start, checkpoint = 0, 0, None
+    written, start, checkpoint = 0, 0, first
     items = reads = wholes = 0
     for cut in [*cuts, len(data)]:
         with path.open("ab") as f:
@@ -486,3 +488,41 @@ def test_activity_spans_match_the_sorted_gaps_in_any_order(tmp_path: Path) -> No
         assert row["active_seconds"] == sum(gaps) / 1_000_000, trial
         assert row["started_at"] == (base + timedelta(microseconds=ordered_micros[0])).isoformat()
         assert row["ended_at"] == (base + timedelta(microseconds=ordered_micros[-1])).isoformat()
+
+
+def test_a_whole_read_restarts_keeping_the_calls_late_lines_answer_and_needs_no_other(
+    samples: Path,
+) -> None:
+    """A tool result for a call the checkpoint dropped long ago (a background task finishing)
+    needs the whole-read fallback. The error names a restart checkpoint that keeps that call
+    all along, so the file can be read whole in segments (bounded memory, like any big read)
+    without dropping it again: at any split, no further fallback and the whole read's rows."""
+    key = max(sample_keys(), key=lambda k: (EXAMPLES / k).stat().st_size)
+    path = samples / key
+    head = path.read_bytes()
+    first_call = orjson.loads(
+        next(line for line in head.splitlines() if b'"tool_use"' in line and b"toolu_" in line)
+    )
+    call_id = next(
+        block["id"] for block in first_call["message"]["content"] if block["type"] == "tool_use"
+    )
+    late = Transcript(SID)
+    late.tool_result(call_id, is_error=True)
+    data = head + b"".join(orjson.dumps(line) + b"\n" for line in late.lines)
+    small = UsageProcessor(keep_events=2, keep_requests=2)
+    before = read(path, key, processor=small)
+    path.write_bytes(data)
+    with (
+        Session.open(path, key=key, start=before.complete_offset) as session,
+        pytest.raises(WholeReadNeeded) as needed,
+    ):
+        small.process_increment(session, before.checkpoint)
+    restart = needed.value.restart
+    assert restart is not None and json_only(restart)
+    expected, expected_items = whole(path, key)
+    rng = random.Random(key)
+    for cuts in [sorted(rng.sample(range(len(data) + 1), n)) for n in (1, 2, 3, 5, 8) * 4]:
+        got, items, _, wholes = read_in_steps(data, cuts, path, key, small, first=restart)
+        assert wholes == 0, cuts  # the restart keeps the call: no read needs another fallback
+        assert got == expected and items == expected_items, cuts
+    path.write_bytes(data)
