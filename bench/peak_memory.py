@@ -73,7 +73,7 @@ def watch(steps: list[dict[str, Any]]) -> None:
     committing it), by wrapping the pipeline's step functions where `run_direct` finds them.
     A step that has been renamed is simply not recorded."""
     import flows.pipeline
-    import flows.work
+    import state.store
 
     def wrap(module: Any, name: str, step: str) -> None:
         original = getattr(module, name, None)
@@ -87,9 +87,9 @@ def watch(steps: list[dict[str, Any]]) -> None:
 
         setattr(module, name, wrapper)
 
-    wrap(flows.pipeline, "prepare", "prepare")
-    wrap(flows.work, "process_batch", "read")
-    wrap(flows.pipeline, "commit", "commit")
+    wrap(flows.pipeline, "begin", "plan")
+    wrap(flows.pipeline, "process_batch", "read")  # (as run_direct imported it)
+    wrap(state.store, "apply_batch", "commit")
 
 
 def count_whole_reads(processor: Any, raised: list[str]) -> None:

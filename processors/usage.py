@@ -779,7 +779,7 @@ class _UsageState:
         segments does not drop them again); from nothing when they touched a request (whose
         place in the file's order a kept entry cannot hold)."""
         keys = sorted(set(self.needed))
-        error = f"lines refer to {len(keys)} entries read long before ({keys[0][1:]!r}, …)"
+        error = f"lines refer to {len(keys)} entry(ies) read long before, e.g. {keys[0][1:]!r}"
         if any(key.startswith("r") for key in keys):
             return WholeReadNeeded(error)
         restart = _empty_checkpoint()
