@@ -255,22 +255,28 @@ def _same_numbers(value: Any) -> Any:
     data=transcripts() | st.binary(max_size=600),
     chunk=st.integers(1, 64) | st.just(1 << 20),
     bulk=st.sampled_from([8 << 20, 16]),
+    hash_thread=st.sampled_from([4 << 20, 0]),
 )
 def test_typed_lines_are_the_parsed_lines_decoded_and_count_the_same_malformed(
-    data: bytes, chunk: int, bulk: int
+    data: bytes, chunk: int, bulk: int, hash_thread: int
 ) -> None:
     """Whatever the bytes, `typed_lines(Line)` yields exactly the lines `lines()` yields (each
     decoded as usage's shape), counts the same malformed lines and hashes the same bytes,
-    whether the lines are decoded a chunk at a time or one by one."""
-    saved = session_module.CHUNK_BYTES, session_module.BULK_BYTES
+    whether the lines are decoded a chunk at a time or one by one, hashed on a thread or not."""
+    saved = session_module.CHUNK_BYTES, session_module.BULK_BYTES, session_module.THREAD_HASH_BYTES
     session_module.CHUNK_BYTES, session_module.BULK_BYTES = chunk, bulk
+    session_module.THREAD_HASH_BYTES = hash_thread
     try:
         parsed_session, typed_session = _session(data), _session(data)
         parsed = list(parsed_session.lines())
         typed = list(typed_session.typed_lines(Line))
         digests = parsed_session.finish(), typed_session.finish()
     finally:
-        session_module.CHUNK_BYTES, session_module.BULK_BYTES = saved
+        (
+            session_module.CHUNK_BYTES,
+            session_module.BULK_BYTES,
+            session_module.THREAD_HASH_BYTES,
+        ) = saved
     expected = [_same_numbers(msgspec.to_builtins(msgspec.convert(v, Line))) for v in parsed]
     assert [_same_numbers(msgspec.to_builtins(v)) for v in typed] == expected
     assert typed_session.malformed_lines == parsed_session.malformed_lines
