@@ -341,6 +341,7 @@ class ToolKind:
 
 
 _PLAIN_TOOL = ToolKind("tool")
+_price_model = lru_cache(maxsize=1024)(price_model)  # (a session names a few models, often)
 _NO_INPUT = ToolInput()
 _NO_USAGE = TokenUsage()
 
@@ -664,12 +665,11 @@ class _UsageState:
 
     def _id(self, text: str | None) -> int | None:
         """The index of a string in the table, adding it when new."""
-        if text is None:
-            return None
-        found = self.string_ids.get(text)
-        if found is None:  # (new strings are rare: ids, models and paths repeat)
-            found = self.string_ids[text] = len(self.strings)
-            self.strings.append(text)
+        found = self.string_ids.get(text)  # type: ignore[arg-type]
+        if found is not None or text is None:  # (new strings are rare: ids, models, paths)
+            return found
+        found = self.string_ids[text] = len(self.strings)
+        self.strings.append(text)
         return found
 
     def _text(self, index: int | None) -> str | None:
@@ -911,34 +911,37 @@ class _UsageState:
         if has_split and cache_write is None:
             cache_write = (write_5m or 0) + (write_1h or 0)
         intern = self._id
+        stop = intern(_str(message.stop_reason))
+        key = (intern(message_id), intern(request_id))
+        index = self.request_at.get(key)
+        if index is None:
+            self._not_seen(_request_key(message_id, request_id))
+            previous = None
+        else:
+            previous = self.requests[index]
+            score = (input_tokens or 0) + (output_tokens or 0) + (cache_write or 0)
+            if (stop is not None, score + (cache_read or 0)) < _score(previous):
+                # Keep the complete line's figures, but not its blank fields.
+                if previous[_R_MODEL] is None and model is not None:
+                    filled = previous[:]
+                    filled[_R_MODEL] = intern(model)
+                    filled[_R_PRICE_MODEL] = intern(_price_model(model))
+                    _replace(self.requests, self.requests_before, index, filled)
+                return
         # Built in place: this runs for every streamed line.
         entry: list[Any] = [None] * len(_REQUESTS.fields)
         entry[_R_INPUT] = input_tokens
         entry[_R_OUTPUT] = output_tokens
         entry[_R_CACHE_WRITE] = cache_write
         entry[_R_CACHE_READ] = cache_read
-        entry[_R_STOP] = intern(_str(message.stop_reason))
-
-        key = (intern(message_id), intern(request_id))
-        index = self.request_at.get(key)
-        if index is None:
-            self._not_seen(_request_key(message_id, request_id))
-        previous = self.requests[index] if index is not None else None
-        if index is not None and previous is not None and _score(entry) < _score(previous):
-            # Keep the complete line's figures, but not its blank fields.
-            if previous[_R_MODEL] is None and model is not None:
-                filled = previous[:]
-                filled[_R_MODEL] = intern(model)
-                filled[_R_PRICE_MODEL] = intern(price_model(model))
-                _replace(self.requests, self.requests_before, index, filled)
-            return
+        entry[_R_STOP] = stop
         entry[_R_SESSION_ID] = intern(_str(line.sessionId) or session.session_id)
         entry[_R_AGENT_ID] = intern(_str(line.agentId) or session.agent_id)
         entry[_R_SIDECHAIN] = line.isSidechain is True
         entry[_R_MESSAGE], entry[_R_REQUEST] = key
         if model is not None:
             entry[_R_MODEL] = intern(model)
-            entry[_R_PRICE_MODEL] = intern(price_model(model))
+            entry[_R_PRICE_MODEL] = intern(_price_model(model))
         elif previous is not None:
             entry[_R_MODEL] = previous[_R_MODEL]
             entry[_R_PRICE_MODEL] = previous[_R_PRICE_MODEL]
@@ -948,7 +951,7 @@ class _UsageState:
         # The first line of the response, not the most complete one.
         first_seen = previous[_R_AT] if previous is not None else None
         entry[_R_AT] = first_seen if first_seen is not None else at
-        if index is None or previous is None:
+        if index is None:
             self.request_at[key] = index = len(self.requests)
             self.requests.append(entry)
             self.requests_before[index] = None
