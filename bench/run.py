@@ -205,6 +205,7 @@ class ParseOnly:
     name = "bench_parse_only"
     version = "1"
     cadence_seconds = 600
+    uncapped = True  # like usage: SESSION_PROCESSOR_MAX_PER_RUN does not apply
     views: tuple[str, ...] = ()
 
     def __init__(self) -> None:
@@ -225,6 +226,27 @@ class ParseOnly:
 
 def direct_parse_only(data_dir: Path, db: Path) -> tuple[float, dict[str, Any]]:
     return direct(data_dir, db, ParseOnly())
+
+
+class TypedParseOnly(ParseOnly):
+    """`ParseOnly` decoding each line as usage's typed shape (`processors.usage.Line`, only
+    the fields usage reads): the pipeline's ceiling for usage's way of reading, before any of
+    its logic (figure 2's note)."""
+
+    name = "bench_typed_parse_only"
+
+    def process(self, session: Any) -> Any:
+        from processors.base import ProcessResult
+        from processors.usage import Line
+
+        lines = sum(1 for _ in session.typed_lines(Line))
+        return ProcessResult(
+            {"bench_parsed_lines": [{"session_file": session.key, "lines": lines}]}, items=lines
+        )
+
+
+def direct_typed_parse_only(data_dir: Path, db: Path) -> tuple[float, dict[str, Any]]:
+    return direct(data_dir, db, TypedParseOnly())
 
 
 # The JSON paths `usage` reads from each line (besides `message.content`, taken whole).
@@ -608,6 +630,7 @@ class Bench:
                 "orjson": orjson_loop,
                 "prefect flow": side(flow),
                 "parse only": side(direct_parse_only),
+                "typed parse only": side(direct_typed_parse_only),
                 "duckdb extract": lambda: duckdb_extract(files),
             },
             self.repeats,
@@ -617,6 +640,7 @@ class Bench:
         r_direct = per_round(t["orjson"], t["run_direct"])
         r_flow = per_round(t["orjson"], t["prefect flow"])
         r_ceiling = per_round(t["orjson"], t["parse only"])
+        r_typed = per_round(t["orjson"], t["typed parse only"])
         r_native = per_round(t["orjson"], t["duckdb extract"])
         notes = [
             self.describe(c),
@@ -626,31 +650,37 @@ class Bench:
             f"MB/s, {med(r_ceiling):.2f}× the orjson loop (rounds "
             f"{fmt_rounds(r_ceiling, '×')}): what any processor that parses every line in "
             "Python can reach through this pipeline",
+            "typed ceiling: the same with usage's typed shape instead of dicts "
+            f"(`bench.run.TypedParseOnly`) reaches {rate['typed parse only']:.1f} MB/s, "
+            f"{med(r_typed):.2f}× (rounds {fmt_rounds(r_typed, '×')}): usage's decoding and "
+            "the pipeline's own work (open, hash, state rows, commit), before any of usage's "
+            "logic",
             "DuckDB's own JSON functions (`read_ndjson_objects`, one `json_extract_string` "
             "of every path usage reads, all cores) take those fields from every line at "
             f"{rate['duckdb extract']:.1f} MB/s, {med(r_native):.2f}× the orjson loop (rounds "
             f"{fmt_rounds(r_native, '×')}), "
             + (
                 "so not even a usage written in SQL could reach the goal"
-                if med(r_native) < 0.5
+                if med(r_native) < 1.0
                 else "so only a usage written in SQL over many files at once might reach the "
                 "goal, if its de-duplication, summary, hashing and state rows fit in what is "
                 "left"
             ),
         ]
         flow_notes = [f"per-round ratios {fmt_rounds(r_flow, '×')}, same rounds as figure 2"]
-        if med(r_direct) < 0.5 and self.args.profile:
+        if med(r_direct) < 1.0:
+            notes.append(f"one more run_direct, timed by step: {breakdown(side(direct))}")
+        if med(r_direct) < 1.0 and self.args.profile:
             notes.append("profile: " + profile("fig2-run-direct", side(direct)))
-            notes.append(f"run_direct by step: {breakdown(side(direct))}")
         return [
             self.row(
                 "2",
-                "usage throughput end to end (run_direct: scan, read, DuckDB commit)",
+                "usage end to end (run_direct: scan, read, DuckDB commit) vs the orjson loop",
                 measured=f"{rate['run_direct']:.1f} MB/s",
                 baseline=f"{rate['orjson']:.1f} MB/s orjson loop",
                 ratio=f"{med(r_direct):.2f}×",
-                goal="≥ 0.5×",
-                passed=med(r_direct) >= 0.5,
+                goal="≥ 1.0×",
+                passed=med(r_direct) >= 1.0,
                 notes=notes,
             ),
             self.row(
@@ -659,8 +689,8 @@ class Bench:
                 measured=f"{rate['prefect flow']:.1f} MB/s",
                 baseline=f"{rate['orjson']:.1f} MB/s orjson loop",
                 ratio=f"{med(r_flow):.2f}×",
-                goal="≥ 0.5×",
-                passed=med(r_flow) >= 0.5,
+                goal="≥ 1.0×",
+                passed=med(r_flow) >= 1.0,
                 notes=flow_notes,
             ),
         ]
