@@ -154,12 +154,29 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S %Z").strip() if value else "never"
 
 
+def _run_locally(name: str, data_dir: Path, db: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A run in this process: the same steps, ledger row and figures as a flow run, without
+    a Prefect server (and without importing Prefect)."""
+    import logging
+
+    from flows.pipeline import run_direct
+
+    if not logging.getLogger().handlers:  # failed sessions and warnings, one line each
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    figures = run_direct(
+        registry.get(name),
+        data_dir,
+        db,
+        max_attempts=config.max_attempts(args.max_attempts),
+        time_budget_seconds=args.time_budget,
+    )
+    return figures.as_dict()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import check_data_dir
-    from flows.processor_flow import run
+    from flows.prefect_target import prefect_api_url
 
-    # The local server Prefect starts on its own would otherwise try to phone home.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if args.all == bool(args.processor):
         raise _UsageError("give a processor name or --all, not both or neither")
     data_dir, db = config.data_dir(args.data_dir), config.db_path(args.db)
@@ -173,19 +190,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         names = [registry.get(args.processor).name]
     check_data_dir(data_dir)
-    with connect(db) as con:  # fails fast, before Prefect starts, on a bad --db
-        migrate(con)
+    api_url = prefect_api_url(db)
     results = []
-    for name in names:
-        results.append(
-            run(
-                name,
-                data_dir,
-                db,
-                max_attempts=args.max_attempts,
-                time_budget_seconds=args.time_budget,
-            )
+    if api_url is None:
+        for name in names:
+            results.append(_run_locally(name, data_dir, db, args))
+        print(
+            "ran in this process (no Prefect server: PREFECT_API_URL is unset and no "
+            "`session-pipeline serve` runs for this state); `session-pipeline serve` gives "
+            "the UI, schedules and the webhook",
+            file=sys.stderr,
         )
+    else:
+        from flows.processor_flow import run
+
+        os.environ["PREFECT_API_URL"] = api_url  # (found from a local `serve`, perhaps)
+        with connect(db) as con:  # fails fast, before Prefect starts, on a bad --db
+            migrate(con)
+        for name in names:
+            results.append(
+                run(
+                    name,
+                    data_dir,
+                    db,
+                    max_attempts=args.max_attempts,
+                    time_budget_seconds=args.time_budget,
+                )
+            )
     if args.json:
         print(json.dumps(results if args.all else results[0], indent=2))
         return 0
@@ -409,10 +440,26 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from flows.prefect_api import PrefectUnavailable
-    from flows.processor_flow import RunRefused
+# Errors a user can cause that modules imported only by some commands raise: looked up only if
+# their module was imported (it must have been, to raise them), so `status`, `query` and
+# `processors` never import Prefect (about a second).
+_LAZY_ERRORS = (("flows.processor_flow", "RunRefused"), ("flows.prefect_api", "PrefectUnavailable"))
 
+
+def _expected(error: Exception) -> bool:
+    kinds: list[type[BaseException]] = [
+        ConfigError,
+        StateError,
+        registry.UnknownProcessorError,
+        _QueryError,
+    ]
+    for module, name in _LAZY_ERRORS:
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return isinstance(error, tuple(kinds))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -420,14 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as error:
         print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (
-        ConfigError,
-        StateError,
-        registry.UnknownProcessorError,
-        RunRefused,
-        PrefectUnavailable,
-        _QueryError,
-    ) as error:
+    except Exception as error:
+        if not _expected(error):
+            raise
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

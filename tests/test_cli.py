@@ -190,7 +190,9 @@ def test_doctor_without_a_prefect_server_says_so(
         code, _, err = _call(capsys, "doctor", "--db", str(db))
     assert code == 1
     assert _one_line_error(err) == (
-        "session-pipeline: error: PREFECT_API_URL is not set: start `session-pipeline serve`"
+        "session-pipeline: error: PREFECT_API_URL is not set and no `session-pipeline serve` "
+        f"is running for {db} on this machine: start serve, or export "
+        "PREFECT_API_URL=http://<host>:<port>/api"
     )
 
 
@@ -323,3 +325,55 @@ def test_status_shows_a_failed_last_run_and_missing_sessions(
     assert row.endswith("2026-01-02 10:00:01 UTC (failed)")
     code, out, _ = _call(capsys, "processors", "--db", str(db), "--data-dir", str(data_dir))
     assert code == 0 and "usage" in out
+
+
+def _isolated_env(tmp_path: Path) -> dict[str, str]:
+    """No Prefect server anywhere: no PREFECT_* variables, an empty Prefect home."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    return env
+
+
+def test_without_a_prefect_server_run_works_in_its_own_process_without_prefect(
+    tmp_path: Path, db: Path
+) -> None:
+    """No temporary server, no Prefect import: the same ledger row and figures, and one line
+    saying where the UI is."""
+    import shutil
+
+    from tests.conftest import EXAMPLES
+
+    data_dir = tmp_path / "sessions"
+    shutil.copytree(EXAMPLES, data_dir)
+    script = (
+        "import json, sys; from flows.cli import main; "
+        "code = main(sys.argv[1:]); print(json.dumps({'code': code, "
+        "'prefect': any(m == 'prefect' or m.startswith('prefect.') for m in sys.modules)}))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    for argv in (
+        ["run", "usage", "--data-dir", str(data_dir), "--db", str(db)],
+        ["status", "--db", str(db)],
+        ["processors", "--db", str(db)],
+        ["query", "SELECT count(*) FROM usage_sessions", "--db", str(db)],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", script, *argv],
+            capture_output=True,
+            text=True,
+            env=_isolated_env(tmp_path),
+            cwd=root,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        verdict = json.loads(done.stdout.strip().splitlines()[-1])
+        assert verdict == {"code": 0, "prefect": False}, (argv, done.stderr)
+        if argv[0] == "run":
+            assert "ran in this process (no Prefect server" in done.stderr
+            assert done.stdout.splitlines()[2].split()[:3] == ["usage", "7", "7"]
+    with connect(db) as con:
+        assert con.execute(
+            "SELECT processor_name, status, processed, flow_run_id FROM processor_runs"
+        ).fetchall() == [("usage", "completed", 7, None)]
