@@ -308,19 +308,29 @@ def _read_append_safe(
     start = (candidate.resume_offset or 0) if resumed else 0
     checkpoint = unpack_checkpoint(candidate.checkpoint) if resumed else None
     segment = SEGMENT_BYTES if emit is not None else size
+    restarted = False
     while True:
         end = min(size, start + segment)
         f.seek(start)
         session = _session(candidate, f, end, start, hasher)
         try:
             increment = processor.process_increment(session, checkpoint)
-        except WholeReadNeeded:
+        except WholeReadNeeded as error:
             if checkpoint is None:
                 raise
+            start, hasher, resumed = 0, None, False
+            if error.restart is not None and not restarted:
+                # Read it whole from the state the processor names (one that keeps what these
+                # lines need all along): in segments, each committed, memory bounded.
+                log.debug(
+                    "%s: %s reads the file whole from a restart", candidate.key, processor.name
+                )
+                checkpoint, restarted = error.restart, True
+                continue
             # The checkpoint keeps too little for these lines: read the file whole, in one
             # read (in segments the same entry could be dropped again).
             log.debug("%s: %s reads the file whole", candidate.key, processor.name)
-            start, checkpoint, hasher, resumed, segment = 0, None, None, False, size
+            checkpoint, segment = None, size
             continue
         digest = session.finish()
         if end < size and session.complete_offset == start:
