@@ -33,9 +33,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext, TagsContext
+from prefect.exceptions import TerminationSignal
 from prefect.logging import get_logger
 from prefect.runtime import flow_run
-from prefect.states import Cancelled, Failed, State
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
@@ -406,8 +407,10 @@ def build_flow(processor_name: str) -> Flow[..., dict[str, Any] | State]:
     ) -> dict[str, Any] | State:
         try:
             return run_processor(processor_name, data_dir, db, max_attempts, time_budget_seconds)
-        except RunCancelled as e:
-            return Cancelled(message=str(e))
+        except RunCancelled:
+            # Prefect's own ending for a SIGTERM: Cancelled when the runner asked for it
+            # (serve stopping, a cancel from the UI), one line, no traceback.
+            raise TerminationSignal(signal.SIGTERM) from None
         except (ProcessorBusyError, StateError, ConfigError, registry.UnknownProcessorError) as e:
             # An expected refusal: one line in the log and a Failed run, not a traceback.
             get_run_logger().error("%s", e)

@@ -423,3 +423,104 @@ def test_scheduled_and_webhook_runs_never_overlap(serve: Serve, tmp_path: Path) 
     # no backlog: a run that came due while another was going was cancelled, never queued
     runs = _call("POST", f"{serve.api}/flow_runs/filter", json={"limit": 200}).json()
     assert not [r for r in runs if r["state_name"] == "AwaitingConcurrencySlot"], runs
+
+
+def _ledger(db: Path, flow_run_id: str) -> list[tuple[Any, ...]]:
+    try:
+        with connect(db, read_only=True) as con:
+            return con.execute(
+                "SELECT status, pid FROM processor_runs WHERE flow_run_id = ?", [flow_run_id]
+            ).fetchall()
+    except Exception:  # not created yet, or briefly locked by the run
+        return []
+
+
+def _wait_running(serve: Serve, db: Path, flow_run_id: str) -> int:
+    """The pid of the run's process once its ledger row says running."""
+    deadline = time.monotonic() + 90
+    while not (rows := _ledger(db, flow_run_id)) or rows[0][0] != "running":
+        assert time.monotonic() < deadline, serve.output()[-3000:]
+        time.sleep(0.2)
+    return int(rows[0][1])
+
+
+def test_a_run_killed_under_serve_frees_its_slot_at_once(
+    serve: Serve, test_plugins: Path, tmp_path: Path
+) -> None:
+    """The run's process is killed (an OOM kill): the runner marks it Crashed and its crash
+    hook releases the run's slot there and then, so the next trigger runs, not 'already
+    running' for the lease's lifetime."""
+    db = tmp_path / "state" / "pipeline.duckdb"
+    serve.env.update(
+        PYTHONPATH=os.environ["PYTHONPATH"], SP_TEST_SLEEP="600", SESSION_PIPELINE_WEBHOOK_TOKEN="t"
+    )
+    serve.env["PREFECT_HOME"] = str(tmp_path / "prefect")  # no runs left by other tests
+    serve.start()
+    serve.wait_for(READY)
+    hook = httpx.Client(base_url=serve.webhook, headers={"Authorization": "Bearer t"}, timeout=60)
+    first = hook.post("/processors/linecount/runs")
+    assert first.status_code == 202, first.text
+    accepted = first.json()
+    pid = _wait_running(serve, db, accepted["flow_run_id"])
+    run = _call("GET", f"{serve.api}/flow_runs/{accepted['flow_run_id']}").json()
+    assert run["name"] == accepted["flow_run_name"]  # not renamed when it started
+
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    limit = f"{serve.api}/v2/concurrency_limits/session-pipeline-linecount"
+    while (state := _call("GET", f"{serve.api}/flow_runs/{run['id']}").json()["state_type"]) != (
+        "CRASHED"
+    ) or _call("GET", limit).json()["active_slots"] != 0:
+        assert time.monotonic() - killed < 45, (state, serve.output()[-3000:])
+        time.sleep(0.2)
+    assert _ledger(db, run["id"])[0][0] == "crashed"
+
+    second = hook.post("/processors/linecount/runs")
+    assert second.status_code == 202, second.text
+    again = second.json()["flow_run_id"]
+    pid = _wait_running(serve, db, again)  # it took the slot: not refused
+    assert time.monotonic() - killed < 58  # before the dead run's 60 s lease could expire
+    # leave the module's Prefect server without a run holding the deployment's slot
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 45
+    while _call("GET", f"{serve.api}/flow_runs/{again}").json()["state_type"] != "CRASHED":
+        assert time.monotonic() < deadline, serve.output()[-3000:]
+        time.sleep(0.2)
+
+
+def test_stopping_serve_during_a_run_cancels_it_after_its_last_commit(
+    serve: Serve, test_plugins: Path, tmp_path: Path
+) -> None:
+    db = tmp_path / "state" / "pipeline.duckdb"
+    serve.env.update(PYTHONPATH=os.environ["PYTHONPATH"], SP_TEST_SLEEP="1")
+    serve.env["PREFECT_HOME"] = str(tmp_path / "prefect")  # no runs left by other tests
+    proc = serve.start()
+    serve.wait_for(READY)
+    linecount = _call("GET", f"{serve.api}/deployments/name/linecount-processor/linecount").json()
+    run = _call("POST", f"{serve.api}/deployments/{linecount['id']}/create_flow_run", json={})
+    flow_run_id = run.json()["id"]
+    _wait_running(serve, db, flow_run_id)
+    time.sleep(2.5)  # a few sessions read (1 s each), more to go
+    proc.send_signal(signal.SIGTERM)
+    states = []
+    while proc.poll() is None:  # the server stops last: watch the run's state until then
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            got = httpx.get(f"{serve.api}/flow_runs/{flow_run_id}", timeout=2).json()
+            states.append(got["state_type"])
+        time.sleep(0.1)
+    assert proc.returncode == 0, serve.output()[-3000:]
+    assert states and states[-1] == "CANCELLED", (states[-5:], serve.output()[-3000:])
+    ((status, processed, deferred),) = _rows_of(db, flow_run_id)
+    assert status == "cancelled"
+    assert 1 <= processed < 7 and processed + deferred == 7
+    out = serve.output()
+    assert out.count("stopped by SIGTERM after committing") == 1, out[-3000:]
+    assert "Traceback" not in out and "Query interrupted" not in out, out[-3000:]
+
+
+def _rows_of(db: Path, flow_run_id: str) -> list[tuple[Any, ...]]:
+    with connect(db, read_only=True) as con:
+        return con.execute(
+            "SELECT status, processed, deferred FROM processor_runs WHERE flow_run_id = ?",
+            [flow_run_id],
+        ).fetchall()
