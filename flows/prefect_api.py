@@ -41,7 +41,7 @@ def api_url(db: Path | None = None) -> str:
 
         url = PREFECT_API_URL.value()
     if not url and db is not None:
-        from flows.serve import local_serve_api_url
+        from flows.prefect_target import local_serve_api_url
 
         url = local_serve_api_url(db)
     if not url:

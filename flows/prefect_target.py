@@ -9,8 +9,10 @@ server; the command line then runs in its own process.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
+from datetime import datetime
 from pathlib import Path
 
 
@@ -35,13 +37,20 @@ def profile_api_url() -> str | None:
     return url if isinstance(url, str) and url else None
 
 
+def local_serve_api_url(db: Path | str) -> str | None:
+    """The Prefect API URL of the `session-pipeline serve` running for this state database
+    on this machine, or None (none running; a file left by one that died is ignored)."""
+    try:
+        record = json.loads(serve_file(Path(db)).read_text())
+        pid, url = int(record["pid"]), str(record["api_url"])
+        started = datetime.fromisoformat(record["started_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    from flows.doctor import process_alive  # (only when a serve has left its address)
+
+    return url if process_alive(pid, started) else None
+
+
 def prefect_api_url(db: Path) -> str | None:
     """The Prefect API a command should talk to, or None when there is none."""
-    url = os.environ.get("PREFECT_API_URL") or profile_api_url()
-    if url:
-        return url
-    if not serve_file(db).exists():  # the usual case: spare importing serve
-        return None
-    from flows.serve import local_serve_api_url
-
-    return local_serve_api_url(db)
+    return os.environ.get("PREFECT_API_URL") or profile_api_url() or local_serve_api_url(db)

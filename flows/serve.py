@@ -31,9 +31,10 @@ from typing import Any
 import httpx
 
 from flows.cadence import interval_seconds
-from flows.doctor import doctor, process_alive
+from flows.doctor import doctor
 from flows.names import flow_name
 from flows.prefect_api import PrefectAPI, PrefectUnavailable
+from flows.prefect_target import serve_file
 from processors import registry
 from state import config
 from state.config import ConfigError
@@ -82,25 +83,6 @@ def server_address(host: str | None, port: int | None) -> tuple[str, int]:
 
 
 # the local serve's address ----------------------------------------------------------------
-
-
-def serve_file(db: Path) -> Path:
-    """`pipeline.duckdb.serve.json` beside the state database: the API URL and pid of the
-    `serve` running for it, so `doctor` and `run` find it without PREFECT_API_URL."""
-    db = Path(db).resolve()
-    return db.with_name(f"{db.name}.serve.json")
-
-
-def local_serve_api_url(db: Path | str) -> str | None:
-    """The Prefect API URL of the `session-pipeline serve` running for this state database
-    on this machine, or None (none running; a file left by one that died is ignored)."""
-    try:
-        record = json.loads(serve_file(Path(db)).read_text())
-        pid, url = int(record["pid"]), str(record["api_url"])
-        started = datetime.fromisoformat(record["started_at"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return url if process_alive(pid, started) else None
 
 
 def _write_serve_file(db: Path, api_url: str, ui: str | None, webhook: str) -> Path:

@@ -12,13 +12,8 @@ from pathlib import Path
 import pytest
 
 from flows.prefect_api import PrefectUnavailable, api_url
-from flows.serve import (
-    _remove_serve_file,
-    _write_serve_file,
-    local_serve_api_url,
-    serve_file,
-    server_address,
-)
+from flows.prefect_target import local_serve_api_url, serve_file
+from flows.serve import _remove_serve_file, _write_serve_file, server_address
 from state.config import ConfigError
 
 
