@@ -274,18 +274,12 @@ def _str(value: object) -> str | None:
 
 def _int(value: object) -> int | None:
     """A non-negative token count from an int, integral float or digit string, else None."""
-    if type(value) is int:  # the usual case, first (a bool is an int subclass, not an int)
-        return value if 0 <= value <= MAX_BIGINT else None
-    number: int | None = None
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        number = int(value.strip())
-    return number if number is not None and 0 <= number <= MAX_BIGINT else None
+    # (Decoded JSON: `type(...) is` leaves out booleans, the only int subclass it holds.)
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    elif type(value) is str and value.strip().isascii() and value.strip().isdigit():
+        value = int(value.strip())
+    return value if type(value) is int and 0 <= value <= MAX_BIGINT else None
 
 
 def _timestamp(value: object) -> datetime | None:
@@ -301,11 +295,6 @@ def _timestamp(value: object) -> datetime | None:
         return parsed.astimezone(UTC)  # OverflowError when that leaves the datetime range
     except (ValueError, OverflowError):
         return None
-
-
-def _iso(value: datetime | None) -> str | None:
-    """ISO-8601 text that DuckDB casts to TIMESTAMPTZ whatever the input's spelling was."""
-    return value.isoformat() if value is not None else None
 
 
 def _blocks(content: object) -> list[Block]:
@@ -516,13 +505,9 @@ def _micros(value: datetime) -> int:
     return (since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds
 
 
-def _from_micros(value: int) -> datetime:
-    return _EPOCH + value * _MICROSECOND
-
-
 def _iso_micros(value: int) -> str:
-    """`_iso(_from_micros(value))`, for every row of a read: formatting a naive datetime and
-    appending the offset gives the same text in half the time of an aware one."""
+    """ISO-8601 text of microseconds since the epoch, which DuckDB casts to TIMESTAMPTZ (a
+    naive datetime's text and the offset: half the time of formatting an aware one)."""
     return (_NAIVE_EPOCH + value * _MICROSECOND).isoformat() + "+00:00"
 
 
@@ -1112,8 +1097,8 @@ class _UsageState:
             "workflow_id": session.workflow_id,
             "is_subagent": session.is_subagent,
             "agent_type": data["agent_type"],
-            "started_at": _iso(_from_micros(spans[0][0])) if spans else None,
-            "ended_at": _iso(_from_micros(spans[-1][1])) if spans else None,
+            "started_at": _iso_micros(spans[0][0]) if spans else None,
+            "ended_at": _iso_micros(spans[-1][1]) if spans else None,
             # Time between consecutive activity, leaving out idle gaps longer than 5 minutes.
             "active_seconds": sum(last - first for first, last in spans) / 1_000_000,
             "user_messages": data["user_messages"],
