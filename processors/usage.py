@@ -1158,6 +1158,7 @@ class UsageProcessor:
         USAGE_REQUESTS_VIEW,
         USAGE_REQUESTS_UNIQUE_VIEW,
         USAGE_SESSIONS_VIEW,
+        *__import__("processors.usage_reports", fromlist=["*"]).REPORT_VIEWS,
     )
 
     def process(self, session: Session) -> ProcessResult:

@@ -1,0 +1,207 @@
+"""Report views of the `usage` processor: usage per day and month, 5-hour billing blocks, and
+tool use, as SQL anyone can query (and the `session-pipeline report` command runs).
+
+Every figure counts a request once across files (resumed sessions copy earlier lines into a
+new file): the rows are those of `usage_requests_unique`, found by `UNIQUE_REQUESTS` below
+without ranking every request. `usage_requests_unique` ranks all requests with a window
+function (1.2 s for 2M requests here) to keep one copy of the few that have several; here a
+hash aggregate finds the keys with copies (0.2 s), and only their copies are ranked, by the
+same order, and the losing copies left out. The rows are the same (tested).
+
+Days, months and blocks are cut in UTC in the views; the report's SQL takes a time zone.
+Timestamps are converted explicitly (`timezone(zone, t)`) and block arithmetic is done on
+epoch microseconds, so nothing depends on the connection's `TimeZone` setting.
+"""
+
+from __future__ import annotations
+
+HOUR_US = 3_600_000_000
+BLOCK_HOURS = 5
+BLOCK_US = BLOCK_HOURS * HOUR_US
+
+# The order `usage_requests_unique` keeps a request's copies in (processors/usage.py): the
+# first is kept.
+_COPY_ORDER = (
+    "CASE WHEN stop_reason IS NULL THEN 1 ELSE 0 END, output_tokens DESC NULLS LAST, session_file"
+)
+
+# The rows of usage_requests_unique (priced, every column of usage_requests).
+UNIQUE_REQUESTS = f"""(
+    SELECT r.* FROM usage_requests r
+    ANTI JOIN (
+        SELECT session_file, message_id, request_id FROM (
+            SELECT session_file, message_id, request_id,
+                row_number() OVER (PARTITION BY message_id, request_id ORDER BY {_COPY_ORDER})
+                    AS copy_rank
+            FROM usage_requests_raw
+            WHERE hash(message_id, request_id) IN (
+                SELECT h FROM (SELECT hash(message_id, request_id) AS h FROM usage_requests_raw)
+                GROUP BY h HAVING count(*) > 1
+            )
+        ) WHERE copy_rank > 1
+    ) losing
+    ON r.session_file = losing.session_file
+        AND r.message_id IS NOT DISTINCT FROM losing.message_id
+        AND r.request_id IS NOT DISTINCT FROM losing.request_id
+)"""
+
+TOKEN_COLUMNS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+# Per group of requests: the figures every usage report shows.
+_FIGURES = ",\n    ".join(
+    [
+        "count(DISTINCT coalesce(session_id, session_file)) AS sessions",
+        "count(*) AS requests",
+        *(f"CAST(coalesce(sum({c}), 0) AS BIGINT) AS {c}" for c in TOKEN_COLUMNS),
+        "CAST(" + " + ".join(f"coalesce(sum({c}), 0)" for c in TOKEN_COLUMNS) + " AS BIGINT)"
+        " AS total_tokens",
+        "sum(cost_usd) AS cost_usd",
+        "count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced_requests",
+    ]
+)
+
+
+def sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def period_sql(grain: str, zone: str = "UTC") -> str:
+    """Requests per `grain` ('day' or 'month', as a DATE: a month is its first day) in time
+    zone `zone`, user and model."""
+    if grain not in ("day", "month"):
+        raise ValueError(f"grain must be day or month, not {grain!r}")
+    local = f"timezone({sql_string(zone)}, occurred_at)"
+    period = f"CAST(date_trunc('month', {local}) AS DATE)" if grain == "month" else local
+    return f"""SELECT CAST({period} AS DATE) AS {grain}, username, model,
+    {_FIGURES}
+FROM {UNIQUE_REQUESTS} requests
+GROUP BY ALL"""
+
+
+USAGE_DAILY_VIEW = "CREATE OR REPLACE VIEW usage_daily AS\n" + period_sql("day")
+USAGE_MONTHLY_VIEW = "CREATE OR REPLACE VIEW usage_monthly AS\n" + period_sql("month")
+
+
+def hourly_buckets_sql(source: str = UNIQUE_REQUESTS) -> str:
+    """Requests per user and hour, as blocks need them: bucket `k` holds the requests in
+    ((k-1) h, k h] (epoch hours), so a request exactly on an hour goes with the hour before,
+    and no bucket straddles a block's end (always on the hour: a block ends at its start,
+    floored to the hour, plus 5 h, and a request exactly at the end is still in the block).
+    `first_us`/`last_us` are epoch microseconds."""
+    return f"""SELECT username,
+    (epoch_us(occurred_at) + {HOUR_US - 1}) // {HOUR_US} AS k,
+    min(epoch_us(occurred_at)) AS first_us, max(epoch_us(occurred_at)) AS last_us,
+    count(*) AS requests,
+    {", ".join(f"CAST(coalesce(sum({c}), 0) AS BIGINT) AS {c}" for c in TOKEN_COLUMNS)},
+    sum(cost_usd) AS cost_usd,
+    count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced_requests
+FROM {source} requests
+WHERE occurred_at IS NOT NULL AND username IS NOT NULL
+GROUP BY ALL"""
+
+
+# ccusage's 5-hour blocks, per user: requests in time order; a block starts at its first
+# request floored to the UTC hour and ends 5 h later; a request more than 5 h after the
+# block's start, or more than 5 h after the request before it, starts a new block.
+#
+# From hourly buckets (above): `island`s are runs of buckets with no gap over 5 h between
+# them (a gap always starts a block). Within an island, the block starting at hour s is
+# followed by the one starting at the floored first request of the first bucket k >= s + 6
+# (requests after s + 5 h): `next_start`, found for every candidate start at once by an ASOF
+# join. The recursion then only walks from each island's first block to the next, one block
+# per step for every island at once, over one row per candidate start.
+USAGE_BLOCKS_VIEW = f"""CREATE OR REPLACE VIEW usage_blocks AS
+WITH RECURSIVE buckets AS (
+    SELECT *, sum(CASE WHEN first_us - previous_last_us <= {BLOCK_US} THEN 0 ELSE 1 END)
+            OVER (PARTITION BY username ORDER BY k) AS island
+    FROM (
+        SELECT *, lag(last_us) OVER (PARTITION BY username ORDER BY k) AS previous_last_us
+        FROM ({hourly_buckets_sql()})
+    )
+),
+starts AS (  -- every hour a block of this island could start at: a bucket's floored first
+    SELECT DISTINCT username, island, first_us // {HOUR_US} AS s FROM buckets
+),
+links AS MATERIALIZED (
+    SELECT a.username, a.island, a.s, b.first_us // {HOUR_US} AS next_s
+    FROM starts a
+    ASOF LEFT JOIN buckets b
+        ON b.username = a.username AND b.island = a.island AND b.k >= a.s + {BLOCK_HOURS + 1}
+),
+chain(username, island, s) AS (
+    SELECT username, island, min(s) FROM starts GROUP BY username, island
+    UNION ALL
+    SELECT l.username, l.island, l.next_s
+    FROM chain c JOIN links l ON l.username = c.username AND l.s = c.s AND l.island = c.island
+    WHERE l.next_s IS NOT NULL
+),
+blocks AS (SELECT DISTINCT username, island, s FROM chain),
+assigned AS (
+    SELECT bl.s, b.*
+    FROM buckets b
+    ASOF JOIN blocks bl
+        ON bl.username = b.username AND bl.island = b.island AND bl.s <= b.first_us // {HOUR_US}
+)
+SELECT username,
+    make_timestamptz(s * {HOUR_US}) AS block_start,
+    make_timestamptz((s + {BLOCK_HOURS}) * {HOUR_US}) AS block_end,
+    make_timestamptz(max(last_us)) AS last_request_at,
+    CAST(sum(requests) AS BIGINT) AS requests,
+    {", ".join(f"CAST(sum({c}) AS BIGINT) AS {c}" for c in TOKEN_COLUMNS)},
+    CAST({" + ".join(f"sum({c})" for c in TOKEN_COLUMNS)} AS BIGINT) AS total_tokens,
+    sum(cost_usd) AS cost_usd,
+    CAST(sum(unpriced_requests) AS BIGINT) AS unpriced_requests,
+    (epoch_us(now()) - max(last_us) < {BLOCK_US}
+        AND epoch_us(now()) < (s + {BLOCK_HOURS}) * {HOUR_US}) AS is_active
+FROM assigned
+GROUP BY username, s"""
+
+
+def tool_name_sql() -> str:
+    """The name a usage event is reported by: the tool, skill, subagent type, `server/tool`
+    of an MCP call, or the slash command."""
+    return """CASE event_type
+        WHEN 'skill' THEN skill_name
+        WHEN 'subagent' THEN subagent_type
+        WHEN 'mcp' THEN mcp_server || '/' || mcp_tool
+        WHEN 'slash_command' THEN '/' || command_name
+        ELSE tool_name END"""
+
+
+# One event per call across files (a resumed session copies earlier tool calls): keyed by
+# event_id (the tool_use_id; a slash command's line uuid), or per file for ids made up from
+# the line number (`line:…`).
+_UNIQUE_EVENTS = """(
+    SELECT CASE WHEN event_id LIKE 'line:%' THEN session_file || '#' || event_id
+        ELSE event_id END AS call_key, *
+    FROM usage_events
+)"""
+
+
+def tools_sql() -> str:
+    return f"""SELECT event_type, {tool_name_sql()} AS name,
+    count(DISTINCT call_key) AS calls,
+    count(DISTINCT call_key) FILTER (WHERE is_error) AS errors,
+    round(count(DISTINCT call_key) FILTER (WHERE is_error) / count(DISTINCT call_key), 4)
+        AS error_rate,
+    count(DISTINCT username) AS users,
+    count(DISTINCT coalesce(session_id, session_file)) AS sessions,
+    min(occurred_at) AS first_used_at,
+    max(occurred_at) AS last_used_at
+FROM {_UNIQUE_EVENTS} events
+GROUP BY ALL"""
+
+
+USAGE_TOOLS_VIEW = "CREATE OR REPLACE VIEW usage_tools AS\n" + tools_sql()
+
+REPORT_VIEWS: tuple[str, ...] = (
+    USAGE_DAILY_VIEW,
+    USAGE_MONTHLY_VIEW,
+    USAGE_BLOCKS_VIEW,
+    USAGE_TOOLS_VIEW,
+)
