@@ -70,24 +70,56 @@ def sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def period_sql(grain: str, zone: str = "UTC") -> str:
-    """Requests per `grain` ('day' or 'month', as a DATE: a month is its first day) in time
-    zone `zone`, user and model."""
+def unique_requests(where: str = "") -> str:
+    """The rows of usage_requests_unique, those matching `where` (SQL on its columns)."""
+    return f"(SELECT * FROM {UNIQUE_REQUESTS} requests WHERE {where})" if where else UNIQUE_REQUESTS
+
+
+def _period(grain: str, zone: str) -> str:
     if grain not in ("day", "month"):
         raise ValueError(f"grain must be day or month, not {grain!r}")
     local = f"timezone({sql_string(zone)}, occurred_at)"
-    period = f"CAST(date_trunc('month', {local}) AS DATE)" if grain == "month" else local
-    return f"""SELECT CAST({period} AS DATE) AS {grain}, username, model,
+    return f"CAST(date_trunc('month', {local}) AS DATE)" if grain == "month" else local
+
+
+def period_sql(grain: str, zone: str = "UTC", where: str = "") -> str:
+    """Requests per `grain` ('day' or 'month', as a DATE: a month is its first day) in time
+    zone `zone`, user and model."""
+    return f"""SELECT CAST({_period(grain, zone)} AS DATE) AS {grain}, username, model,
     {_FIGURES}
-FROM {UNIQUE_REQUESTS} requests
+FROM {unique_requests(where)} requests
 GROUP BY ALL"""
+
+
+def report_period_sql(grain: str, zone: str, where: str = "") -> str:
+    """The `report daily|monthly` rows: per period and model (`level` 2), per period
+    (`level` 1, with its users and sessions counted once) and the total (`level` 0)."""
+    return f"""SELECT CAST({_period(grain, zone)} AS DATE) AS period, model,
+    2 - GROUPING(period) - GROUPING(model) AS level,
+    count(DISTINCT username) AS users,
+    {_FIGURES}
+FROM {unique_requests(where)} requests
+GROUP BY GROUPING SETS ((period, model), (period), ())
+ORDER BY level, period, model"""
+
+
+def report_sessions_sql(where: str = "") -> str:
+    """Per session (its subagents' requests included) and user; the total last (`level` 0)."""
+    return f"""SELECT coalesce(session_id, session_file) AS session, username,
+    1 - GROUPING(session) AS level,
+    min(occurred_at) AS first_request_at, max(occurred_at) AS last_request_at,
+    list(DISTINCT model ORDER BY model) FILTER (WHERE model IS NOT NULL) AS models,
+    {_FIGURES}
+FROM {unique_requests(where)} requests
+GROUP BY GROUPING SETS ((session, username), ())
+ORDER BY level DESC, last_request_at, session"""
 
 
 USAGE_DAILY_VIEW = "CREATE OR REPLACE VIEW usage_daily AS\n" + period_sql("day")
 USAGE_MONTHLY_VIEW = "CREATE OR REPLACE VIEW usage_monthly AS\n" + period_sql("month")
 
 
-def hourly_buckets_sql(source: str = UNIQUE_REQUESTS) -> str:
+def hourly_buckets_sql(where: str = "") -> str:
     """Requests per user and hour, as blocks need them: bucket `k` holds the requests in
     ((k-1) h, k h] (epoch hours), so a request exactly on an hour goes with the hour before,
     and no bucket straddles a block's end (always on the hour: a block ends at its start,
@@ -100,7 +132,7 @@ def hourly_buckets_sql(source: str = UNIQUE_REQUESTS) -> str:
     {", ".join(f"CAST(coalesce(sum({c}), 0) AS BIGINT) AS {c}" for c in TOKEN_COLUMNS)},
     sum(cost_usd) AS cost_usd,
     count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced_requests
-FROM {source} requests
+FROM {unique_requests(where)} requests
 WHERE occurred_at IS NOT NULL AND username IS NOT NULL
 GROUP BY ALL"""
 
@@ -115,13 +147,15 @@ GROUP BY ALL"""
 # (requests after s + 5 h): `next_start`, found for every candidate start at once by an ASOF
 # join. The recursion then only walks from each island's first block to the next, one block
 # per step for every island at once, over one row per candidate start.
-USAGE_BLOCKS_VIEW = f"""CREATE OR REPLACE VIEW usage_blocks AS
-WITH RECURSIVE buckets AS (
+def blocks_sql(where: str = "") -> str:
+    """The blocks of the requests matching `where` (only a filter on whole users keeps the
+    blocks as they are)."""
+    return f"""WITH RECURSIVE buckets AS (
     SELECT *, sum(CASE WHEN first_us - previous_last_us <= {BLOCK_US} THEN 0 ELSE 1 END)
             OVER (PARTITION BY username ORDER BY k) AS island
     FROM (
         SELECT *, lag(last_us) OVER (PARTITION BY username ORDER BY k) AS previous_last_us
-        FROM ({hourly_buckets_sql()})
+        FROM ({hourly_buckets_sql(where)})
     )
 ),
 starts AS (  -- every hour a block of this island could start at: a bucket's floored first
@@ -162,6 +196,9 @@ FROM assigned
 GROUP BY username, s"""
 
 
+USAGE_BLOCKS_VIEW = "CREATE OR REPLACE VIEW usage_blocks AS\n" + blocks_sql()
+
+
 def tool_name_sql() -> str:
     """The name a usage event is reported by: the tool, skill, subagent type, `server/tool`
     of an MCP call, or the slash command."""
@@ -183,7 +220,8 @@ _UNIQUE_EVENTS = """(
 )"""
 
 
-def tools_sql() -> str:
+def tools_sql(where: str = "") -> str:
+    """Per event type and name; `where` filters the events."""
     return f"""SELECT event_type, {tool_name_sql()} AS name,
     count(DISTINCT call_key) AS calls,
     count(DISTINCT call_key) FILTER (WHERE is_error) AS errors,
@@ -194,6 +232,7 @@ def tools_sql() -> str:
     min(occurred_at) AS first_used_at,
     max(occurred_at) AS last_used_at
 FROM {_UNIQUE_EVENTS} events
+{"WHERE " + where if where else ""}
 GROUP BY ALL"""
 
 

@@ -1,0 +1,720 @@
+"""`session-pipeline report` and `session-pipeline export`: answers without writing SQL.
+
+`report daily|monthly|sessions|blocks|tools` prints a table for people (thousands separators,
+dollars to the cent, a totals row, `*` on a cost that leaves out requests of a model without
+a price), or `--json` (the daily and monthly totals under ccusage's keys) or `--csv`.
+`export RELATION` streams a usage table or view out with DuckDB's own COPY.
+
+Both only read: the state database is opened read-only, for as short a time as the query
+takes; a run holding it makes them wait a few seconds at most, then say so in one line. Neither
+imports Prefect. Register them on the command line with `register(commands)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import duckdb
+import orjson
+
+from processors import usage_reports as sql
+from state import config
+from state.config import ConfigError
+from state.db import StateError, connect
+
+KINDS = ("daily", "monthly", "sessions", "blocks", "tools")
+# A report waits this long at most for a run's lock (runs hold it for a commit, about a second).
+LOCK_WAIT_SECONDS = 10.0
+DOCUMENTED = frozenset({"knowledge_items", "verification_evidence", "verification_sessions"})
+# The column `--since/--until` filter an exported relation on: the first it has.
+TIME_COLUMNS = (
+    "occurred_at",
+    "started_at",
+    "block_start",
+    "day",
+    "month",
+    "first_seen_at",
+    "first_used_at",
+)
+FORMATS = {"csv": "(FORMAT csv, HEADER)", "ndjson": "(FORMAT json)", "parquet": "(FORMAT parquet)"}
+
+
+# --- arguments ---------------------------------------------------------------------------------
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
+
+
+def local_zone() -> str:
+    """The process's time zone, as ccusage uses it: $TZ, else /etc/localtime's zone, else
+    /etc/timezone, else UTC."""
+    candidates = [os.environ.get("TZ", "").lstrip(":")]
+    try:
+        link = os.readlink("/etc/localtime")
+        candidates.append(link.split("zoneinfo/", 1)[1] if "zoneinfo/" in link else "")
+    except OSError:
+        pass
+    with suppress(OSError):
+        candidates.append(Path("/etc/timezone").read_text().strip())
+    for name in candidates:
+        if name and _zone_or_none(name) is not None:
+            return name
+    return "UTC"
+
+
+def _zone_or_none(name: str) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None
+
+
+def _zone(name: str | None) -> tuple[str, ZoneInfo]:
+    name = name or local_zone()
+    zone = _zone_or_none(name)
+    if zone is None:
+        raise ConfigError(f"unknown time zone {name!r} (an IANA name such as Europe/Paris)")
+    return name, zone
+
+
+def _time_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--since", type=_date, metavar="YYYY-MM-DD", help="from this day on")
+    parser.add_argument(
+        "--until", type=_date, metavar="YYYY-MM-DD", help="up to this day, included"
+    )
+    parser.add_argument(
+        "--timezone", metavar="ZONE", help="where days begin (default: this machine's zone)"
+    )
+
+
+def register(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add the `report` and `export` commands; return their functions by name."""
+    from flows.cli import _paths  # here: flows.cli imports this module
+
+    report = commands.add_parser("report", help="usage per day, month, session, block or tool")
+    report.add_argument("kind", choices=KINDS)
+    _time_args(report)
+    report.add_argument("--user", help="only this user")
+    report.add_argument("--model", help="only models whose id contains this, e.g. opus-4-5")
+    out = report.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON")
+    out.add_argument("--csv", action="store_true", help="print CSV")
+    _paths(report)
+
+    export = commands.add_parser("export", help="stream a usage table or view out (DuckDB COPY)")
+    export.add_argument("relation", help="usage_* table or view, knowledge_items, verification_*")
+    export.add_argument("--format", choices=sorted(FORMATS), default="csv")
+    _time_args(export)
+    export.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    _paths(export)
+    return {"report": cmd_report, "export": cmd_export}
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _existing_db(flag: str | None) -> Path:
+    db = config.db_path(flag)
+    if not db.exists():
+        raise StateError(
+            f"no state yet at {db}: nothing has run there (`session-pipeline run --all` "
+            "creates it; or pass --db / SESSION_PIPELINE_DB)"
+        )
+    return db
+
+
+@contextmanager
+def _reading(flag: str | None) -> Iterator[duckdb.DuckDBPyConnection]:
+    db = _existing_db(flag)
+    wait = min(config.lock_timeout(), LOCK_WAIT_SECONDS)
+    with connect(db, read_only=True, lock_timeout=wait) as con:
+        yield con
+
+
+def _relations(con: duckdb.DuckDBPyConnection) -> set[str]:
+    return {
+        name
+        for (name,) in con.execute(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_catalog = current_database() AND table_schema = 'main'"
+        ).fetchall()
+    }
+
+
+def _need_usage(con: duckdb.DuckDBPyConnection, db_flag: str | None) -> None:
+    missing = {"usage_requests", "usage_requests_raw", "usage_events"} - _relations(con)
+    if missing:
+        raise StateError(
+            f"no usage data in {config.db_path(db_flag)} yet: `session-pipeline run usage` "
+            "creates it"
+        )
+
+
+def _bounds(args: argparse.Namespace, zone: ZoneInfo) -> tuple[datetime | None, datetime | None]:
+    """--since and --until as instants: the start of the first day, the end of the last."""
+    if args.since and args.until and args.since > args.until:
+        raise ConfigError(f"--since {args.since} is after --until {args.until}")
+    since = datetime.combine(args.since, time(), zone) if args.since else None
+    until = datetime.combine(args.until + timedelta(days=1), time(), zone) if args.until else None
+    return since, until
+
+
+def _filters(
+    args: argparse.Namespace, zone: ZoneInfo, *, times: bool = True, model: bool = True
+) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    since, until = _bounds(args, zone)
+    if times and since is not None:
+        clauses.append("occurred_at >= ?")
+        params.append(since)
+    if times and until is not None:
+        clauses.append("occurred_at < ?")
+        params.append(until)
+    if args.user:
+        clauses.append("username = ?")
+        params.append(args.user)
+    if model and args.model:
+        clauses.append("contains(lower(model), lower(?))")
+        params.append(args.model)
+    return " AND ".join(clauses), params
+
+
+# --- formatting --------------------------------------------------------------------------------
+
+
+def _int(value: Any) -> str:
+    return f"{int(value or 0):,}"
+
+
+def _cost(value: Any, unpriced: Any) -> str:
+    return f"${float(value or 0):,.2f}" + ("*" if unpriced else "")
+
+
+def _when(value: datetime | None, zone: ZoneInfo) -> str:
+    return value.astimezone(zone).strftime("%Y-%m-%d %H:%M") if value else ""
+
+
+def _short(model: str) -> str:
+    """`claude-sonnet-4-5-20250929` as people say it: `sonnet-4-5`."""
+    return re.sub(r"-\d{8}$", "", model.removeprefix("claude-"))
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: int) -> str:
+    """Columns from `numeric` on are right-aligned; a rule under the header and above the
+    last row (the totals)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [
+            c.rjust(w) if i >= numeric else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    body = [line(r) for r in rows]
+    if body:
+        body.insert(len(body) - 1, rule)
+    return "\n".join([line(header), rule, *body])
+
+
+def _footnote(unpriced: int) -> str | None:
+    if not unpriced:
+        return None
+    return (
+        f"* partial: {unpriced:,} request(s) of models without a price are left out of the "
+        "cost (price them in usage_price_overrides)"
+    )
+
+
+def _emit(
+    args: argparse.Namespace,
+    *,
+    key: str,
+    records: list[dict[str, Any]],
+    totals: dict[str, Any] | None,
+    header: Sequence[str],
+    rows: list[list[str]],
+    numeric: int,
+    unpriced: int,
+) -> None:
+    if args.json:
+        document: dict[str, Any] = {key: records}
+        if totals is not None:
+            document["totals"] = totals
+        sys.stdout.buffer.write(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+        return
+    if args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        names = list(records[0]) if records else []
+        writer.writerow(names)
+        for record in records:
+            writer.writerow([" ".join(v) if isinstance(v, list) else v for v in record.values()])
+        return
+    if not records:
+        print(f"no {key} match")
+        return
+    print(render_table(header, rows, numeric))
+    note = _footnote(unpriced)
+    if note:
+        print(note)
+
+
+def _token_record(row: dict[str, Any], cost_key: str = "totalCost") -> dict[str, Any]:
+    return {
+        "inputTokens": int(row["input_tokens"]),
+        "outputTokens": int(row["output_tokens"]),
+        "cacheCreationTokens": int(row["cache_creation_input_tokens"]),
+        "cacheReadTokens": int(row["cache_read_input_tokens"]),
+        "totalTokens": int(row["total_tokens"]),
+        cost_key: float(row["cost_usd"] or 0.0),
+        "unpricedRequests": int(row["unpriced_requests"]),
+    }
+
+
+_TOKEN_HEADER = ["Input", "Output", "Cache write", "Cache read", "Total tokens", "Cost"]
+
+
+def _token_cells(row: dict[str, Any]) -> list[str]:
+    return [
+        _int(row["input_tokens"]),
+        _int(row["output_tokens"]),
+        _int(row["cache_creation_input_tokens"]),
+        _int(row["cache_read_input_tokens"]),
+        _int(row["total_tokens"]),
+        _cost(row["cost_usd"], row["unpriced_requests"]),
+    ]
+
+
+def _dicts(con: duckdb.DuckDBPyConnection, text: str, params: Sequence[Any]) -> list[dict]:
+    try:
+        cursor = con.execute(text, list(params))
+        names = [d[0] for d in cursor.description or []]
+        return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
+    except duckdb.Error as error:
+        raise StateError(str(error).splitlines()[0]) from None
+
+
+# --- the reports -------------------------------------------------------------------------------
+
+
+def _period_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> None:
+    zone_name, zone = _zone(args.timezone)
+    grain = "day" if args.kind == "daily" else "month"
+    where, params = _filters(args, zone)
+    rows = _dicts(con, sql.report_period_sql(grain, zone_name, where), params)
+    total = next((r for r in rows if r["level"] == 0), None)
+    periods = [r for r in rows if r["level"] == 1]
+    by_period: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["level"] == 2:
+            by_period.setdefault(r["period"], []).append(r)
+
+    def label(day: date | None) -> str:
+        if day is None:
+            return "(no time)"
+        return day.strftime("%Y-%m") if grain == "month" else day.isoformat()
+
+    key = "date" if grain == "day" else "month"
+    records = []
+    for p in periods:
+        models = [m for m in by_period.get(p["period"], []) if m["model"] is not None]
+        records.append(
+            {
+                key: label(p["period"]),
+                **_token_record(p),
+                "modelsUsed": [m["model"] for m in models],
+                "modelBreakdowns": [
+                    {"modelName": m["model"], **_token_record(m, "cost")} for m in models
+                ],
+                "users": int(p["users"]),
+                "sessions": int(p["sessions"]),
+                "requests": int(p["requests"]),
+            }
+        )
+    totals = _token_record(total) if total is not None and periods else None
+    if totals is not None and total is not None:
+        totals.update(
+            users=int(total["users"]),
+            sessions=int(total["sessions"]),
+            requests=int(total["requests"]),
+        )
+    header = [key.capitalize(), "Models", "Users", "Sessions", "Requests", *_TOKEN_HEADER]
+    table = [
+        [
+            label(p["period"]),
+            ", ".join(_short(m["model"]) for m in by_period.get(p["period"], []) if m["model"]),
+            _int(p["users"]),
+            _int(p["sessions"]),
+            _int(p["requests"]),
+            *_token_cells(p),
+        ]
+        for p in periods
+    ]
+    if total is not None and periods:
+        table.append(
+            [
+                "Total",
+                "",
+                _int(total["users"]),
+                _int(total["sessions"]),
+                _int(total["requests"]),
+                *_token_cells(total),
+            ]
+        )
+    if args.csv:
+        for r in records:
+            r.pop("modelBreakdowns")
+    _emit(
+        args,
+        key="daily" if grain == "day" else "monthly",
+        records=records,
+        totals=totals,
+        header=header,
+        rows=table,
+        numeric=2,
+        unpriced=int(total["unpriced_requests"]) if total else 0,
+    )
+
+
+def _sessions_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> None:
+    _, zone = _zone(args.timezone)
+    where, params = _filters(args, zone)
+    rows = _dicts(con, sql.report_sessions_sql(where), params)
+    total = next((r for r in rows if r["level"] == 0), None)
+    sessions = [r for r in rows if r["level"] == 1]
+    records = [
+        {
+            "sessionId": s["session"],
+            "username": s["username"],
+            "firstActivity": s["first_request_at"].isoformat() if s["first_request_at"] else None,
+            "lastActivity": s["last_request_at"].isoformat() if s["last_request_at"] else None,
+            "modelsUsed": s["models"] or [],
+            "requests": int(s["requests"]),
+            **_token_record(s),
+        }
+        for s in sessions
+    ]
+    table = [
+        [
+            s["session"] or "",
+            s["username"] or "",
+            _when(s["last_request_at"], zone),
+            ", ".join(_short(m) for m in s["models"] or []),
+            _int(s["requests"]),
+            *_token_cells(s),
+        ]
+        for s in sessions
+    ]
+    totals = None
+    if total is not None and sessions:
+        totals = {"sessions": int(total["sessions"]), "requests": int(total["requests"])}
+        totals.update(_token_record(total))
+        table.append(["Total", "", "", "", _int(total["requests"]), *_token_cells(total)])
+    _emit(
+        args,
+        key="sessions",
+        records=records,
+        totals=totals,
+        header=["Session", "User", "Last activity", "Models", "Requests", *_TOKEN_HEADER],
+        rows=table,
+        numeric=4,
+        unpriced=int(total["unpriced_requests"]) if total else 0,
+    )
+
+
+def _blocks_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> None:
+    if args.model:
+        raise ConfigError("--model does not apply to blocks: a block is metered over every model")
+    _, zone = _zone(args.timezone)
+    where, params = _filters(args, zone, times=False)
+    since, until = _bounds(args, zone)
+    outer, outer_params = [], []
+    if since is not None:
+        outer.append("block_start >= ?")
+        outer_params.append(since)
+    if until is not None:
+        outer.append("block_start < ?")
+        outer_params.append(until)
+    text = f"SELECT * FROM ({sql.blocks_sql(where)}) blocks"
+    if outer:
+        text += " WHERE " + " AND ".join(outer)
+    text += " ORDER BY block_start, username"
+    blocks = _dicts(con, text, [*params, *outer_params])
+    records = [
+        {
+            "username": b["username"],
+            "startTime": b["block_start"].isoformat(),
+            "endTime": b["block_end"].isoformat(),
+            "actualEndTime": b["last_request_at"].isoformat(),
+            "isActive": bool(b["is_active"]),
+            "requests": int(b["requests"]),
+            **_token_record(b),
+        }
+        for b in blocks
+    ]
+    keys = ("requests", *sql.TOKEN_COLUMNS, "total_tokens", "unpriced_requests")
+    sums: dict[str, Any] = {k: sum(int(b[k]) for b in blocks) for k in keys}
+    sums["cost_usd"] = sum(float(b["cost_usd"] or 0) for b in blocks)
+    table = [
+        [
+            b["username"],
+            _when(b["block_start"], zone),
+            _when(b["last_request_at"], zone),
+            "active" if b["is_active"] else "",
+            _int(b["requests"]),
+            *_token_cells(b),
+        ]
+        for b in blocks
+    ]
+    totals = None
+    if blocks:
+        totals = {"blocks": len(blocks), "requests": sums["requests"], **_token_record(sums)}
+        table.append(
+            [
+                "Total",
+                f"{len(blocks):,} blocks",
+                "",
+                "",
+                _int(sums["requests"]),
+                *_token_cells(sums),
+            ]
+        )
+    _emit(
+        args,
+        key="blocks",
+        records=records,
+        totals=totals,
+        header=["User", "Block start", "Last request", "Active", "Requests", *_TOKEN_HEADER],
+        rows=table,
+        numeric=4,
+        unpriced=int(sums["unpriced_requests"]),
+    )
+
+
+def _tools_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> None:
+    _, zone = _zone(args.timezone)
+    where, params = _filters(args, zone)
+    tools = _dicts(
+        con,
+        f"SELECT * FROM ({sql.tools_sql(where)}) ORDER BY event_type, calls DESC, name",
+        params,
+    )
+    records = [
+        {
+            "type": t["event_type"],
+            "name": t["name"],
+            "calls": int(t["calls"]),
+            "errors": int(t["errors"]),
+            "errorRate": float(t["error_rate"]),
+            "users": int(t["users"]),
+            "sessions": int(t["sessions"]),
+            "firstUsed": t["first_used_at"].isoformat() if t["first_used_at"] else None,
+            "lastUsed": t["last_used_at"].isoformat() if t["last_used_at"] else None,
+        }
+        for t in tools
+    ]
+    table = [
+        [
+            t["event_type"],
+            t["name"] or "",
+            _when(t["first_used_at"], zone),
+            _when(t["last_used_at"], zone),
+            _int(t["calls"]),
+            _int(t["errors"]),
+            f"{float(t['error_rate']):.1%}",
+            _int(t["users"]),
+            _int(t["sessions"]),
+        ]
+        for t in tools
+    ]
+    totals = None
+    if tools:
+        calls, errors = sum(int(t["calls"]) for t in tools), sum(int(t["errors"]) for t in tools)
+        totals = {"calls": calls, "errors": errors}
+        table.append(
+            [
+                "Total",
+                "",
+                "",
+                "",
+                _int(calls),
+                _int(errors),
+                f"{errors / calls:.1%}" if calls else "",
+                "",
+                "",
+            ]
+        )
+    _emit(
+        args,
+        key="tools",
+        records=records,
+        totals=totals,
+        header=[
+            "Type",
+            "Name",
+            "First used",
+            "Last used",
+            "Calls",
+            "Errors",
+            "Error rate",
+            "Users",
+            "Sessions",
+        ],
+        rows=table,
+        numeric=4,
+        unpriced=0,
+    )
+
+
+_REPORTS = {
+    "daily": _period_report,
+    "monthly": _period_report,
+    "sessions": _sessions_report,
+    "blocks": _blocks_report,
+    "tools": _tools_report,
+}
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    _zone(args.timezone)  # a wrong zone is said before the database is opened
+    with _reading(args.db) as con:
+        _need_usage(con, args.db)
+        _REPORTS[args.kind](args, con)
+    return 0
+
+
+# --- export ------------------------------------------------------------------------------------
+
+_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def _columns(con: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]:
+    return dict(
+        con.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_catalog = current_database() AND table_schema = 'main' "
+            "AND table_name = ? ORDER BY ordinal_position",
+            [relation],
+        ).fetchall()
+    )
+
+
+def _export_query(
+    args: argparse.Namespace, con: duckdb.DuckDBPyConnection
+) -> tuple[str, list[Any]]:
+    relation = args.relation
+    if not _NAME.fullmatch(relation) or not (
+        relation.startswith("usage_") or relation in DOCUMENTED
+    ):
+        raise ConfigError(
+            f"cannot export {relation!r}: only usage_* tables and views, "
+            + ", ".join(sorted(DOCUMENTED))
+        )
+    columns = _columns(con, relation)
+    if not columns:
+        raise StateError(
+            f"no table or view {relation} in {config.db_path(args.db)} "
+            "(its processor creates it when it runs)"
+        )
+    text = f'SELECT * FROM "{relation}"'
+    if not (args.since or args.until):
+        return text, []
+    column = next((c for c in TIME_COLUMNS if c in columns), None)
+    if column is None:
+        raise ConfigError(f"{relation} has no time column: --since/--until cannot filter it")
+    _, zone = _zone(args.timezone)
+    clauses, params = [], []
+    if columns[column] == "DATE":  # day, month: compared as dates (a month is its first day)
+        if args.since:
+            clauses.append(f"{column} >= ?")
+            start = args.since.replace(day=1) if column == "month" else args.since
+            params.append(start)
+        if args.until:
+            clauses.append(f"{column} <= ?")
+            params.append(args.until)
+        if args.since and args.until and args.since > args.until:
+            raise ConfigError(f"--since {args.since} is after --until {args.until}")
+    else:
+        since, until = _bounds(args, zone)
+        if since is not None:
+            clauses.append(f"{column} >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append(f"{column} < ?")
+            params.append(until)
+    return f"{text} WHERE {' AND '.join(clauses)}", params
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "parquet" and not args.output:
+        raise ConfigError("--format parquet needs -o FILE (parquet is not written to stdout)")
+    if args.timezone:
+        _zone(args.timezone)
+    if args.output:
+        with _reading(args.db) as con:
+            query, params = _export_query(args, con)
+            _copy(con, query, params, Path(args.output), args.format)
+        return 0
+    # DuckDB writes files, not Python's stdout: a file of our own, streamed out once the
+    # database is let go (a COPY to /dev/stdout would truncate the file of a redirect, or
+    # overwrite a `>>` one from its start).
+    with tempfile.TemporaryDirectory(prefix="session-pipeline-export-") as folder:
+        path = Path(folder) / f"export.{args.format}"
+        with _reading(args.db) as con:
+            query, params = _export_query(args, con)
+            _copy(con, query, params, path, args.format)
+        sys.stdout.flush()
+        with path.open("rb") as source:
+            shutil.copyfileobj(source, sys.stdout.buffer, 1 << 20)
+        sys.stdout.buffer.flush()
+    return 0
+
+
+def _copy(
+    con: duckdb.DuckDBPyConnection, query: str, params: list[Any], path: Path, fmt: str
+) -> None:
+    target = str(path).replace("'", "''")
+    try:
+        con.execute(f"COPY ({query}) TO '{target}' {FORMATS[fmt]}", params)
+    except duckdb.Error as error:
+        raise StateError(f"export to {path} failed: {str(error).splitlines()[0]}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m flows.report report …` or `… export …`: these two commands alone, run as
+    flows/cli.py runs every command (a mistake is one line on stderr and exit 1)."""
+    from flows.cli import EXIT_ERROR, _Parser
+
+    parser = _Parser(prog="session-pipeline")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    functions = register(commands)
+    args = parser.parse_args(argv)
+    try:
+        return functions[args.command](args)
+    except (ConfigError, StateError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
