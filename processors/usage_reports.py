@@ -146,11 +146,13 @@ GROUP BY ALL"""
 # followed by the one starting at the floored first request of the first bucket k >= s + 6
 # (requests after s + 5 h): `next_start`, found for every candidate start at once by an ASOF
 # join. The recursion then only walks from each island's first block to the next, one block
-# per step for every island at once, over one row per candidate start.
+# per step for every island at once, over one row per bucket. A block is named by the bucket
+# that starts it (two blocks may floor to the same hour's candidates: a request exactly at
+# 05:00 ends the block of 00:00, one at 05:01 starts the next, at 05:00).
 def blocks_sql(where: str = "") -> str:
     """The blocks of the requests matching `where` (only a filter on whole users keeps the
     blocks as they are)."""
-    return f"""WITH RECURSIVE buckets AS (
+    return f"""WITH RECURSIVE buckets AS MATERIALIZED (
     SELECT *, sum(CASE WHEN first_us - previous_last_us <= {BLOCK_US} THEN 0 ELSE 1 END)
             OVER (PARTITION BY username ORDER BY k) AS island
     FROM (
@@ -158,28 +160,26 @@ def blocks_sql(where: str = "") -> str:
         FROM ({hourly_buckets_sql(where)})
     )
 ),
-starts AS (  -- every hour a block of this island could start at: a bucket's floored first
-    SELECT DISTINCT username, island, first_us // {HOUR_US} AS s FROM buckets
-),
-links AS MATERIALIZED (
-    SELECT a.username, a.island, a.s, b.first_us // {HOUR_US} AS next_s
-    FROM starts a
+links AS MATERIALIZED (  -- a block started by bucket k, and the bucket starting the next
+    SELECT a.username, a.k, b.k AS next_k, b.first_us // {HOUR_US} AS next_s
+    FROM buckets a
     ASOF LEFT JOIN buckets b
-        ON b.username = a.username AND b.island = a.island AND b.k >= a.s + {BLOCK_HOURS + 1}
+        ON b.username = a.username AND b.island = a.island
+        AND b.k >= a.first_us // {HOUR_US} + {BLOCK_HOURS + 1}
 ),
-chain(username, island, s) AS (
-    SELECT username, island, min(s) FROM starts GROUP BY username, island
+chain(username, island, k, s) AS (
+    SELECT username, island, min(k), arg_min(first_us, k) // {HOUR_US}
+    FROM buckets GROUP BY username, island
     UNION ALL
-    SELECT l.username, l.island, l.next_s
-    FROM chain c JOIN links l ON l.username = c.username AND l.s = c.s AND l.island = c.island
-    WHERE l.next_s IS NOT NULL
+    SELECT c.username, c.island, l.next_k, l.next_s
+    FROM chain c JOIN links l ON l.username = c.username AND l.k = c.k
+    WHERE l.next_k IS NOT NULL
 ),
-blocks AS (SELECT DISTINCT username, island, s FROM chain),
-assigned AS (
+blocks AS MATERIALIZED (SELECT * FROM chain),
+assigned AS (  -- every bucket with the block of the last starting bucket at or before it
     SELECT bl.s, b.*
     FROM buckets b
-    ASOF JOIN blocks bl
-        ON bl.username = b.username AND bl.island = b.island AND bl.s <= b.first_us // {HOUR_US}
+    ASOF JOIN blocks bl ON bl.username = b.username AND bl.island = b.island AND bl.k <= b.k
 )
 SELECT username,
     make_timestamptz(s * {HOUR_US}) AS block_start,
