@@ -429,3 +429,43 @@ def test_register_adds_both_commands() -> None:
     assert set(functions) == {"report", "export"}
     args = parser.parse_args(["report", "tools", "--json", "--data-dir", "d", "--db", "x"])
     assert (args.kind, args.json, args.db) == ("tools", True, "x")
+
+
+# --- ccusage -----------------------------------------------------------------------------------
+
+
+def test_daily_totals_equal_ccusage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On a corpus whose streamed lines all carry their requestId, `report daily --json`
+    has ccusage's totals: tokens exactly, cost to the cent (and per day and model). Small
+    sessions: no request reaches the long-context tier ccusage prices differently."""
+    from bench.corpus import corpus
+    from bench.peers import Unavailable, ccusage_daily
+
+    sample = corpus(30, max_bytes=200_000, log=lambda *_: None)
+    try:
+        _, theirs = ccusage_daily(sample.path)
+    except Unavailable as why:
+        pytest.skip(str(why))
+    db = tmp_path / "state.duckdb"
+    assert run_direct(UsageProcessor(), sample.path, db, max_attempts=1).errors == 0
+    assert rows(
+        db,
+        "SELECT count(*) FROM usage_requests WHERE input_tokens + cache_creation_input_tokens"
+        " + cache_read_input_tokens > 200000",
+    ) == [(0,)]
+    ours = json.loads(report(db, "report", "daily", "--json", "--timezone", "UTC", capsys=capsys))
+    tokens = ("inputTokens", "outputTokens", "cacheCreationTokens", "cacheReadTokens")
+    for key in (*tokens, "totalTokens"):
+        assert ours["totals"][key] == theirs["totals"][key], key
+    assert round(ours["totals"]["totalCost"], 2) == round(theirs["totals"]["totalCost"], 2)
+    theirs_days = {d.get("period", d.get("date")): d for d in theirs["daily"]}
+    assert sorted(theirs_days) == [d["date"] for d in ours["daily"]]
+    for day in ours["daily"]:
+        for mine in day["modelBreakdowns"]:
+            (other,) = [
+                m
+                for m in theirs_days[day["date"]]["modelBreakdowns"]
+                if m["modelName"] == mine["modelName"]
+            ]
+            assert [mine[k] for k in tokens] == [other[k] for k in tokens]
+            assert mine["cost"] == pytest.approx(other["cost"], abs=1e-9)
