@@ -17,6 +17,7 @@ import logging
 import math
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from datetime import UTC, datetime
@@ -25,7 +26,7 @@ from flows.work import SEGMENT_BYTES, process_batch
 from processors.base import Processor
 from state.config import positive_int
 from state.plan import Candidate
-from state.store import Outcome
+from state.store import Outcome, serialize_rows
 
 log = logging.getLogger("session_pipeline.parallel")
 
@@ -56,6 +57,19 @@ def read_processes(processor: Processor, candidates: Sequence[Candidate], capped
     return cores()
 
 
+def transferable(processor: Processor, outcomes: list[Outcome]) -> list[Outcome]:
+    """Outcomes as a worker sends them: their rows already serialized, so the committing
+    process (the busiest one: it also unpickles and commits) never turns them into objects."""
+    return serialize_rows(processor.tables, outcomes)
+
+
+def read_batch(
+    processor: Processor, batch: Sequence[Candidate], deadline: float | None
+) -> list[Outcome]:
+    """A worker's read of one batch (`process_batch`), ready to send back."""
+    return transferable(processor, process_batch(processor, batch, deadline))
+
+
 def read_in_processes(
     processor: Processor,
     candidates: Sequence[Candidate],
@@ -63,9 +77,11 @@ def read_in_processes(
     workers: int,
     add: Callable[[Sequence[Outcome]], None],
     commit_now: Callable[[Outcome], None],
+    stop: threading.Event | None = None,
 ) -> None:
     """Read every candidate, `workers` processes for the files of at most a segment and this
-    process for bigger ones; hand each batch's outcomes to `add` as it completes."""
+    process for bigger ones; hand each batch's outcomes to `add` as it completes. Once `stop`
+    is set, batches not started yet are dropped (the ones being read finish)."""
     big = [c for c in candidates if c.size > SEGMENT_BYTES]
     small = [c for c in candidates if c.size <= SEGMENT_BYTES]
     size = max(1, math.ceil(len(small) / (workers * BATCHES_PER_WORKER)))
@@ -73,14 +89,19 @@ def read_in_processes(
     # forkserver: a fresh, single-threaded parent for the workers (forking this process,
     # which may hold DuckDB's and Prefect's threads, is not safe).
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["flows.work"])
+    context.set_forkserver_preload(["flows.parallel"])
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures: dict[Future[list[Outcome]], list[Candidate]] = {
-            pool.submit(process_batch, processor, batch, deadline): batch for batch in batches
+            pool.submit(read_batch, processor, batch, deadline): batch for batch in batches
         }
         for candidate in big:  # read here meanwhile, a segment and a commit at a time
-            add(process_batch(processor, [candidate], deadline, emit=commit_now))
+            add(process_batch(processor, [candidate], deadline, emit=commit_now, stop=stop))
         for future in as_completed(futures):
+            if stop is not None and stop.is_set():
+                for left in futures:
+                    left.cancel()
+            if future.cancelled():  # never started: its sessions wait for the next run
+                continue
             try:
                 outcomes = future.result()
             except Exception as error:  # a worker died: its batch fails, not the run

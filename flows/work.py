@@ -392,15 +392,19 @@ def process_batch(
     at_least_one: bool = False,
     emit: Emit | None = None,
     allowance: ReadAllowance | None = None,
+    stop: threading.Event | None = None,
 ) -> list[Outcome]:
     """Process a batch in order. Past the run's deadline (epoch seconds) the rest of the
     batch is left for the next run rather than holding the processor hostage; with
     `at_least_one` the first session is read regardless, so every run makes progress. Once an
     `allowance` is used up, sessions are no longer read, but touched ones are still settled
-    when their hash shows them unchanged; the rest wait for the next run."""
+    when their hash shows them unchanged; the rest wait for the next run. Once `stop` is set
+    (the run is being stopped) no further session is started."""
     outcomes: list[Outcome] = []
     for candidate in batch:
         if deadline is not None and time.time() >= deadline and (outcomes or not at_least_one):
+            break
+        if stop is not None and stop.is_set():
             break
         if allowance is not None and not allowance.take():
             settled = confirm_unchanged(candidate)
