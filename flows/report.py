@@ -253,7 +253,7 @@ def _emit(
     records: list[dict[str, Any]],
     totals: dict[str, Any] | None,
     header: Sequence[str],
-    rows: list[list[str]],
+    rows: Callable[[], list[list[str]]] | list[list[str]],
     numeric: int,
     unpriced: int,
 ) -> None:
@@ -273,7 +273,7 @@ def _emit(
     if not records:
         print(f"no {key} match")
         return
-    print(render_table(header, rows, numeric))
+    print(render_table(header, rows() if callable(rows) else rows, numeric))
     note = _footnote(unpriced)
     if note:
         print(note)
@@ -397,39 +397,42 @@ def _period_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> 
 
 
 def _sessions_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> None:
-    _, zone = _zone(args.timezone)
+    zone_name, zone = _zone(args.timezone)
     where, params = _filters(args, zone)
-    rows = _dicts(con, sql.report_sessions_sql(where), params)
-    total = next((r for r in rows if r["level"] == 0), None)
-    sessions = [r for r in rows if r["level"] == 1]
+    sessions = _dicts(con, sql.report_sessions_sql(zone_name, where), params)
     records = [
         {
             "sessionId": s["session"],
             "username": s["username"],
-            "firstActivity": s["first_request_at"].isoformat() if s["first_request_at"] else None,
-            "lastActivity": s["last_request_at"].isoformat() if s["last_request_at"] else None,
+            "firstActivity": s["first_request_at"],
+            "lastActivity": s["last_request_at"],
             "modelsUsed": s["models"] or [],
             "requests": int(s["requests"]),
             **_token_record(s),
         }
         for s in sessions
     ]
-    table = [
-        [
-            s["session"] or "",
-            s["username"] or "",
-            _when(s["last_request_at"], zone),
-            ", ".join(_short(m) for m in s["models"] or []),
-            _int(s["requests"]),
-            *_token_cells(s),
-        ]
-        for s in sessions
-    ]
+    total = _sums(sessions)
     totals = None
-    if total is not None and sessions:
-        totals = {"sessions": int(total["sessions"]), "requests": int(total["requests"])}
+    if sessions:
+        totals = {"sessions": len(sessions), "requests": total["requests"]}
         totals.update(_token_record(total))
-        table.append(["Total", "", "", "", _int(total["requests"]), *_token_cells(total)])
+
+    def table() -> list[list[str]]:
+        rows = [
+            [
+                s["session"] or "",
+                s["username"] or "",
+                s["last_local"] or "",
+                ", ".join(_short(m) for m in s["models"] or []),
+                _int(s["requests"]),
+                *_token_cells(s),
+            ]
+            for s in sessions
+        ]
+        rows.append(["Total", "", "", "", _int(total["requests"]), *_token_cells(total)])
+        return rows
+
     _emit(
         args,
         key="sessions",
@@ -438,8 +441,16 @@ def _sessions_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -
         header=["Session", "User", "Last activity", "Models", "Requests", *_TOKEN_HEADER],
         rows=table,
         numeric=4,
-        unpriced=int(total["unpriced_requests"]) if total else 0,
+        unpriced=total["unpriced_requests"],
     )
+
+
+def _sums(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The token, request and cost figures of `rows` added up."""
+    keys = ("requests", *sql.TOKEN_COLUMNS, "total_tokens", "unpriced_requests")
+    sums: dict[str, Any] = {k: sum(int(r[k]) for r in rows) for k in keys}
+    sums["cost_usd"] = sum(float(r["cost_usd"] or 0) for r in rows)
+    return sums
 
 
 def _blocks_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> None:
@@ -472,9 +483,7 @@ def _blocks_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> 
         }
         for b in blocks
     ]
-    keys = ("requests", *sql.TOKEN_COLUMNS, "total_tokens", "unpriced_requests")
-    sums: dict[str, Any] = {k: sum(int(b[k]) for b in blocks) for k in keys}
-    sums["cost_usd"] = sum(float(b["cost_usd"] or 0) for b in blocks)
+    sums = _sums(blocks)
     table = [
         [
             b["username"],

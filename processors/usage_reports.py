@@ -91,28 +91,67 @@ FROM {unique_requests(where)} requests
 GROUP BY ALL"""
 
 
+# Per group of requests, summed from `_PARTS` rows (one per session, model and period):
+# distinct counts then run over far fewer rows than requests.
+_PARTS = ",\n    ".join(
+    [
+        "count(*) AS requests",
+        *(f"coalesce(sum({c}), 0) AS {c}" for c in TOKEN_COLUMNS),
+        "sum(cost_usd) AS cost_usd",
+        "count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced_requests",
+    ]
+)
+_SUMMED = ",\n    ".join(
+    [
+        "CAST(sum(requests) AS BIGINT) AS requests",
+        *(f"CAST(sum({c}) AS BIGINT) AS {c}" for c in TOKEN_COLUMNS),
+        "CAST(" + " + ".join(f"sum({c})" for c in TOKEN_COLUMNS) + " AS BIGINT) AS total_tokens",
+        "sum(cost_usd) AS cost_usd",
+        "CAST(sum(unpriced_requests) AS BIGINT) AS unpriced_requests",
+    ]
+)
+
+
 def report_period_sql(grain: str, zone: str, where: str = "") -> str:
     """The `report daily|monthly` rows: per period and model (`level` 2), per period
     (`level` 1, with its users and sessions counted once) and the total (`level` 0)."""
-    return f"""SELECT CAST({_period(grain, zone)} AS DATE) AS period, model,
-    2 - GROUPING(period) - GROUPING(model) AS level,
+    return f"""WITH parts AS (
+    SELECT CAST({_period(grain, zone)} AS DATE) AS period, model, username,
+        coalesce(session_id, session_file) AS session,
+        {_PARTS}
+    FROM {unique_requests(where)} requests
+    GROUP BY ALL
+)
+SELECT period, model, 2 - GROUPING(period) - GROUPING(model) AS level,
     count(DISTINCT username) AS users,
-    {_FIGURES}
-FROM {unique_requests(where)} requests
+    count(DISTINCT session) AS sessions,
+    {_SUMMED}
+FROM parts
 GROUP BY GROUPING SETS ((period, model), (period), ())
 ORDER BY level, period, model"""
 
 
-def report_sessions_sql(where: str = "") -> str:
-    """Per session (its subagents' requests included) and user; the total last (`level` 0)."""
-    return f"""SELECT coalesce(session_id, session_file) AS session, username,
-    1 - GROUPING(session) AS level,
-    min(occurred_at) AS first_request_at, max(occurred_at) AS last_request_at,
-    list(DISTINCT model ORDER BY model) FILTER (WHERE model IS NOT NULL) AS models,
-    {_FIGURES}
-FROM {unique_requests(where)} requests
-GROUP BY GROUPING SETS ((session, username), ())
-ORDER BY level DESC, last_request_at, session"""
+def report_sessions_sql(zone: str, where: str = "") -> str:
+    """Per session (its subagents' requests included) and user, by last request; times as
+    ISO text in UTC, and the last one in `zone` too (text: made here, 100k sessions are
+    printed in a fraction of the time Python takes to make and format their datetimes)."""
+    iso = "'%Y-%m-%dT%H:%M:%S.%gZ'"
+    return f"""WITH parts AS (
+    SELECT coalesce(session_id, session_file) AS session, username, model,
+        min(occurred_at) AS first_request_at, max(occurred_at) AS last_request_at,
+        {_PARTS}
+    FROM {unique_requests(where)} requests
+    GROUP BY ALL
+)
+SELECT session, username,
+    strftime(timezone('UTC', min(first_request_at)), {iso}) AS first_request_at,
+    strftime(timezone('UTC', max(last_request_at)), {iso}) AS last_request_at,
+    strftime(timezone({sql_string(zone)}, max(last_request_at)), '%Y-%m-%d %H:%M') AS last_local,
+    list(model ORDER BY model) FILTER (WHERE model IS NOT NULL) AS models,
+    {_SUMMED}
+FROM parts
+GROUP BY session, username
+ORDER BY max(parts.last_request_at), session"""
 
 
 USAGE_DAILY_VIEW = "CREATE OR REPLACE VIEW usage_daily AS\n" + period_sql("day")
@@ -210,30 +249,41 @@ def tool_name_sql() -> str:
         ELSE tool_name END"""
 
 
-# One event per call across files (a resumed session copies earlier tool calls): keyed by
-# event_id (the tool_use_id; a slash command's line uuid), or per file for ids made up from
-# the line number (`line:…`).
-_UNIQUE_EVENTS = """(
-    SELECT CASE WHEN event_id LIKE 'line:%' THEN session_file || '#' || event_id
-        ELSE event_id END AS call_key, *
-    FROM usage_events
-)"""
-
-
 def tools_sql(where: str = "") -> str:
-    """Per event type and name; `where` filters the events."""
-    return f"""SELECT event_type, {tool_name_sql()} AS name,
-    count(DISTINCT call_key) AS calls,
-    count(DISTINCT call_key) FILTER (WHERE is_error) AS errors,
-    round(count(DISTINCT call_key) FILTER (WHERE is_error) / count(DISTINCT call_key), 4)
-        AS error_rate,
-    count(DISTINCT username) AS users,
-    count(DISTINCT coalesce(session_id, session_file)) AS sessions,
-    min(occurred_at) AS first_used_at,
-    max(occurred_at) AS last_used_at
-FROM {_UNIQUE_EVENTS} events
-{"WHERE " + where if where else ""}
-GROUP BY ALL"""
+    """Per event type and name; `where` filters the events. One event per call across files
+    (a resumed session copies earlier tool calls): keyed by event_id (the tool_use_id; a
+    slash command's line uuid), or per file for ids made up from the line number (`line:…`);
+    a call is an error if any copy says so, and counts for the session of its first file."""
+    return f"""WITH calls AS (
+    SELECT CASE WHEN event_id LIKE 'line:%' THEN session_file || '#' || event_id
+            ELSE event_id END AS call_key,
+        arg_min(
+            struct_pack(
+                event_type := event_type,
+                name := {tool_name_sql()},
+                username := username,
+                session := coalesce(session_id, session_file)
+            ),
+            session_file
+        ) AS c,
+        bool_or(coalesce(is_error, false)) AS is_error,
+        min(occurred_at) AS occurred_at
+    FROM usage_events
+    {"WHERE " + where if where else ""}
+    GROUP BY call_key
+)
+SELECT event_type, name, calls, errors, round(errors / calls, 4) AS error_rate, users,
+    sessions, first_used_at, last_used_at
+FROM (
+    SELECT c.event_type, c.name, count(*) AS calls,
+        count(*) FILTER (WHERE is_error) AS errors,
+        count(DISTINCT c.username) AS users,
+        count(DISTINCT c.session) AS sessions,
+        min(occurred_at) AS first_used_at,
+        max(occurred_at) AS last_used_at
+    FROM calls
+    GROUP BY ALL
+)"""
 
 
 USAGE_TOOLS_VIEW = "CREATE OR REPLACE VIEW usage_tools AS\n" + tools_sql()
