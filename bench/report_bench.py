@@ -16,11 +16,14 @@ query "SELECT 1"` (the interpreter and imports alone). Nothing here asserts on t
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from bench.corpus import bench_dir
-from bench.peers import pipeline_command
 
 REPORTS: tuple[tuple[str, ...], ...] = (
     ("daily",),
@@ -154,14 +157,36 @@ def state(sessions: int) -> Path:
     return db
 
 
+def command() -> list[str]:
+    """`session-pipeline`, once it has the report command; until then the same code run
+    alone (`python -m flows.report`, which imports flows.cli as the command line does)."""
+    exe = str(Path(sys.executable).with_name("session-pipeline"))
+    known = subprocess.run([exe, "report", "--help"], capture_output=True).returncode == 0
+    return [exe] if known else [sys.executable, "-m", "flows.report"]
+
+
+def timed(argv: list[str]) -> float:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, env=env, timeout=600)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.decode()[-300:]}")
+    return elapsed
+
+
 def measure(db: Path, repeats: int = 3) -> dict[str, float]:
-    """Median seconds of each report as a subprocess, and of a bare query for comparison."""
-    results: dict[str, float] = {}
-    runs = [("query", "SELECT 1")] + [("report", *kind) for kind in REPORTS]
-    for argv in runs:
-        times = [pipeline_command(*argv, "--json", "--db", str(db))[0] for _ in range(repeats)]
-        results[" ".join(argv)] = statistics.median(times)
-    return results
+    """Median seconds of each report as a subprocess (`--json`), and of a bare
+    `session-pipeline query "SELECT 1"` (interpreter, imports, opening the state)."""
+    exe = str(Path(sys.executable).with_name("session-pipeline"))
+    base = command()
+    runs = {"query SELECT 1": [exe, "query", "SELECT 1", "--json"]}
+    for kind in REPORTS:
+        runs["report " + " ".join(kind)] = [*base, "report", *kind, "--json"]
+    return {
+        name: statistics.median(timed([*argv, "--db", str(db)]) for _ in range(repeats))
+        for name, argv in runs.items()
+    }
 
 
 def main() -> None:
@@ -171,8 +196,9 @@ def main() -> None:
     args = parser.parse_args()
     db = state(args.sessions)
     print(f"state: {db} ({args.sessions} sessions)")
+    print(f"command: {' '.join(command())}")
     for name, seconds in measure(db, args.repeats).items():
-        print(f"{seconds:7.3f} s  session-pipeline {name} --json")
+        print(f"{seconds:7.3f} s  {name} --json")
 
 
 if __name__ == "__main__":
