@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
+from flows.report import register as register_report_commands
 from processors import registry
 from state import config, store
 from state.config import ConfigError
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("sql", help='e.g. "SELECT tool_name, count(*) FROM usage_events GROUP BY 1"')
     query.add_argument("--json", action="store_true", help="print rows as JSON objects")
     _paths(query)
+    COMMANDS.update(register_report_commands(commands))
     return parser
 
 
@@ -160,6 +162,7 @@ def _run_locally(name: str, data_dir: Path, db: Path, args: argparse.Namespace) 
     import logging
 
     from flows.pipeline import run_direct
+    from flows.progress import terminal_sink
 
     if not logging.getLogger().handlers:  # failed sessions and warnings, one line each
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -169,6 +172,7 @@ def _run_locally(name: str, data_dir: Path, db: Path, args: argparse.Namespace) 
         db,
         max_attempts=config.max_attempts(args.max_attempts),
         time_budget_seconds=args.time_budget,
+        progress=[] if args.json else [terminal_sink()],
     )
     return figures.as_dict()
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import duckdb
 
+from flows.progress import Progress, Sink
 from flows.work import ReadAllowance, process_batch
 from processors.base import Processor, is_append_safe
 from state import config, store
@@ -274,8 +275,11 @@ class Committer:
         self.rows = 0
         self.since = time.monotonic()
         self.lock = threading.Lock()  # segments are committed from the threads reading them
+        self.progress: Progress | None = None  # told of every outcome as it arrives
 
     def add(self, outcomes: Sequence[Outcome]) -> None:
+        if self.progress is not None:
+            self.progress.advance(outcomes)
         with self.lock:
             self.pending.extend(outcomes)
             self.rows += sum(o.row_count for o in outcomes)
@@ -285,6 +289,8 @@ class Committer:
     def commit_now(self, outcome: Outcome) -> None:
         """Commit a segment of a big file, with whatever else is pending, before the reader
         goes on: its rows leave memory and the run can be resumed from it."""
+        if self.progress is not None:
+            self.progress.advance([outcome])
         with self.lock:
             self.pending.append(outcome)
             self.flush()
@@ -309,6 +315,8 @@ class Committer:
 
     def close(self, run_id: str, candidates: int) -> RunFigures:
         """Commit what is left and close the run's ledger entry, on one connection."""
+        if self.progress is not None:
+            self.progress.finish()
         try:
             return self._close(run_id, candidates)
         finally:
@@ -420,14 +428,17 @@ def run_direct(
     *,
     max_attempts: int,
     time_budget_seconds: float | None = None,
+    progress: Sequence[Sink] = (),
 ) -> RunFigures:
-    """The whole run in this thread, without Prefect."""
+    """The whole run in this process, without Prefect; `progress` is told how far it got."""
     from flows.parallel import read_in_processes, read_processes
 
     run_id, the_plan, committer = begin(processor, data_dir, db, max_attempts)
     limits = run_limits(processor, time_budget_seconds)
     deadline = limits.deadline
     candidates = the_plan.candidates
+    if progress and candidates:
+        committer.progress = Progress(processor.name, candidates, progress)
     workers = read_processes(processor, candidates, capped=limits.allowance is not None)
     try:
         if workers > 1:

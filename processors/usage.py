@@ -29,6 +29,7 @@ from processors.base import ColumnRows, Increment, ProcessResult, Table, WholeRe
 from processors.pricing import PRICE_OVERRIDES_DDL, PRICES_VIEW, cost_sql, price_model
 from processors.session import Session
 from processors.transcript import tag_text
+from processors.usage_reports import REPORT_VIEWS
 
 SYNTHETIC_MODEL = "<synthetic>"
 IDLE_GAP_SECONDS = 300.0
@@ -1158,7 +1159,7 @@ class UsageProcessor:
         USAGE_REQUESTS_VIEW,
         USAGE_REQUESTS_UNIQUE_VIEW,
         USAGE_SESSIONS_VIEW,
-        *__import__("processors.usage_reports", fromlist=["*"]).REPORT_VIEWS,
+        *REPORT_VIEWS,
     )
 
     def process(self, session: Session) -> ProcessResult:

@@ -97,6 +97,10 @@ def test_processor_shape() -> None:
         "usage_requests",
         "usage_requests_unique",
         "usage_sessions",
+        "usage_daily",
+        "usage_monthly",
+        "usage_blocks",
+        "usage_tools",
     ]
 
 
