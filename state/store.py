@@ -49,6 +49,10 @@ class Outcome:
     # A segment of a big file, committed before the rest is read: its state row says how far
     # the read got (size = complete_offset), so a killed run continues from there.
     partial: bool = False
+    # Rows a reader process has already serialized (`serialize_rows`): table -> (row count,
+    # `json_rows` document). The committing process hands them to DuckDB as they are instead
+    # of unpickling every value into a Python object first.
+    documents: dict[str, tuple[int, bytes]] = field(default_factory=dict)
 
     @property
     def username(self) -> str:
@@ -56,7 +60,9 @@ class Outcome:
 
     @property
     def row_count(self) -> int:
-        return sum(len(next(iter(cols.values()), ())) for cols in self.columns.values())
+        return sum(len(next(iter(cols.values()), ())) for cols in self.columns.values()) + sum(
+            rows for rows, _ in self.documents.values()
+        )
 
 
 def load_settled(
@@ -385,6 +391,60 @@ def readable(document: bytes) -> Iterator[str | None]:
             os.unlink(remove)
 
 
+def serialize_rows(tables: Sequence[Table], outcomes: list[Outcome]) -> list[Outcome]:
+    """Turn the rows of whole reads into `json_rows` documents, one per outcome and table, in
+    place (what a reader process does before sending its outcomes back: pickling a document
+    is a copy of bytes, unpickling columns of values makes every value an object again in the
+    committing process). Rows JSON cannot carry exactly, and increments (whose key columns
+    the commit needs as values), keep their columns."""
+    for outcome in outcomes:
+        if outcome.status != "processed" or outcome.increment:
+            continue
+        for table in tables:
+            columns = outcome.columns.get(table.name)
+            if not columns or not columns.get(table.column_names[0]):
+                continue
+            piece = [
+                columns.get(name) or [None] * len(columns[table.column_names[0]])
+                for name in table.column_names
+            ]
+            document = json_rows(table, piece)
+            if document is not None:
+                outcome.documents[table.name] = (len(piece[0]), document)
+                del outcome.columns[table.name]
+    return outcomes
+
+
+def _insert_documents(
+    con: duckdb.DuckDBPyConnection, table: Table, documents: list[tuple[int, bytes]]
+) -> None:
+    """Insert serialized rows (`serialize_rows`): the documents of several outcomes go in one
+    statement (the JSON reader takes them one after another), about STATEMENT_ROWS rows a
+    statement. A document that cannot be written where DuckDB reads it goes as lists."""
+    group: list[bytes] = []
+    rows = 0
+    for count, document in documents:
+        group.append(document)
+        rows += count
+        if rows >= STATEMENT_ROWS:
+            _insert_document_group(con, table, group)
+            group, rows = [], 0
+    if group:
+        _insert_document_group(con, table, group)
+
+
+def _insert_document_group(
+    con: duckdb.DuckDBPyConnection, table: Table, group: list[bytes]
+) -> None:
+    if insert_json(con, table, b"\n".join(group)):
+        return
+    for document in group:
+        columns = orjson.loads(document)
+        piece = [columns[f"c{i}"] for i in range(1, len(table.column_names) + 1)]
+        for part in _slices(piece):
+            insert_lists(con, table, part)
+
+
 def _delete_by_key(con: duckdb.DuckDBPyConnection, table: Table, rows: Columns) -> None:
     """Remove the rows an increment replaces: those with the same session and key (NULLs in
     a key compare equal), or, for a table without a key, all rows of the sessions it
@@ -445,6 +505,9 @@ def apply_batch(
                 f"DELETE FROM {table.name} WHERE session_file IN (SELECT UNNEST($1))", [keys]
             )
             _insert_columns(con, table, _take(whole, table))
+            documents = [d for o in whole if (d := o.documents.pop(table.name, None))]
+            if documents:
+                _insert_documents(con, table, documents)
     for table in processor.tables if increments else ():
         rows = _take(increments, table)
         _delete_by_key(con, table, rows)
