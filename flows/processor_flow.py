@@ -41,14 +41,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from flows.names import flow_attribute, flow_name, limit_name, new_run_name
-from flows.pipeline import Committer, batches, begin, deadline_for, finish
+from flows.parallel import read_in_processes, read_processes
+from flows.pipeline import Committer, RunLimits, batches, begin, finish, run_limits
 from flows.prefect_api import LEASE_LABEL, PrefectAPI, PrefectUnavailable
+from flows.progress import Progress, Sink, Snapshot
 from flows.work import Emit, describe, process_batch
 from processors import registry
 from processors.base import Processor
 from state import config
 from state.config import ConfigError
-from state.db import StateError
+from state.db import StateError, connect
 from state.plan import Candidate
 from state.store import Outcome, RunFigures
 
@@ -106,12 +108,38 @@ def process_sessions(
     processor: Processor,
     index: int,
     batch: list[Candidate],
-    deadline: float | None,
+    limits: RunLimits,
     commit_segment: Emit | None = None,
+    stop: threading.Event | None = None,
 ) -> list[Outcome]:
     """Read one batch of sessions and return the outcomes; only the segments of a big file
     are committed as they are read (`commit_segment`), so its rows never pile up."""
-    return process_batch(processor, batch, deadline, at_least_one=index == 0, emit=commit_segment)
+    return process_batch(
+        processor,
+        batch,
+        limits.deadline,
+        at_least_one=index == 0,
+        emit=commit_segment,
+        allowance=limits.allowance,
+        stop=stop,
+    )
+
+
+@task(name="read-in-processes", cache_policy=NO_CACHE, task_run_name="{processor.name}-backlog")
+def read_backlog(
+    processor: Processor,
+    candidates: list[Candidate],
+    limits: RunLimits,
+    workers: int,
+    committer: Committer,
+    stop: threading.Event,
+) -> int:
+    """A big backlog of a CPU-bound processor, read by `workers` processes (one task run: the
+    per-batch progress is in the figures); returns how many sessions it read."""
+    read_in_processes(
+        processor, candidates, limits.deadline, workers, committer.add, committer.commit_now, stop
+    )
+    return len(candidates)
 
 
 def _ensure_limit(name: str) -> str:
@@ -193,13 +221,14 @@ def release_dead_run(flow_run_id: str, db: Path, status: str = "crashed") -> lis
     from flows.prefect_api import api_url
 
     done = []
+    # The ledger first: once the slot is free, a reader of the ledger must see the run ended.
+    if close_ledger_rows(db, [flow_run_id], status=status):
+        done.append(f"ledger run {flow_run_id} closed as {status}")
     with PrefectAPI(api_url(db)) as api:
         lease = (api.flow_run(flow_run_id).get("labels") or {}).get(LEASE_LABEL)
         if lease:
             api.release_lease(str(lease))
             done.append(f"released lease {lease}")
-    if close_ledger_rows(db, [flow_run_id], status=status):
-        done.append(f"ledger run {flow_run_id} closed as {status}")
     return done
 
 
@@ -256,6 +285,49 @@ def _artifact(figures: RunFigures) -> None:
         )
 
 
+def _summary_artifact(processor_name: str, db: Path, logger: Any) -> None:
+    """The processor's summary for people (`<name>-summary`, markdown), if it has one."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows.summary import SUMMARIES
+
+    summarize = SUMMARIES.get(processor_name)
+    if summarize is None:
+        return
+    try:
+        with connect(db, read_only=True) as con:
+            markdown = summarize(con)
+        create_markdown_artifact(
+            markdown=markdown,
+            key=f"{processor_name.replace('_', '-')}-summary",
+            description=f"{processor_name}: who used what, last 7 days",
+        )
+    except Exception as error:  # a summary is a courtesy: it never fails the run
+        logger.warning("%s: no summary artifact (%s)", processor_name, describe(error))
+
+
+def _progress_sinks(processor_name: str, logger: Any) -> list[Sink]:
+    """A long run's progress: a log line, and a progress artifact in the UI (made at the
+    first report, so a run of a few seconds leaves none behind)."""
+    artifact: list[Any] = []
+
+    def to_log(snap: Snapshot, final: bool) -> None:
+        if not final:
+            logger.info("%s", snap.line())
+
+    def to_artifact(snap: Snapshot, final: bool) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        described = snap.line()
+        if not artifact:
+            key = f"{processor_name.replace('_', '-')}-run-progress"
+            artifact.append(create_progress_artifact(snap.percent, key=key, description=described))
+        else:
+            update_progress_artifact(artifact[0], snap.percent, description=described)
+
+    return [to_log, to_artifact]
+
+
 def run_tags(processor_name: str) -> tuple[str, ...]:
     """The tags `run()` gives a flow run (a deployment gives its runs the same ones)."""
     return ("session-pipeline", f"processor:{processor_name}")
@@ -264,7 +336,7 @@ def run_tags(processor_name: str) -> tuple[str, ...]:
 def _process(
     processor: Processor,
     candidates: list[Candidate],
-    deadline: float | None,
+    limits: RunLimits,
     committer: Committer,
     stop: threading.Event | None = None,
 ) -> None:
@@ -284,8 +356,9 @@ def _process(
             unmapped(quote(processor)),
             range(len(work)),
             [quote(batch) for batch in work],
-            unmapped(deadline),
+            unmapped(quote(limits)),
             unmapped(committer.commit_now),
+            unmapped(quote(stop)),
         )
     batch_of = {id(f.wrapped_future): (f, b) for f, b in zip(futures, work, strict=True)}
     waiting = {f.wrapped_future for f in futures}
@@ -320,7 +393,7 @@ def run_processor(
     processor = registry.get(processor_name)
     data_path, db_path = config.data_dir(data_dir), config.db_path(db)
     attempts = config.max_attempts(max_attempts)
-    deadline = deadline_for(time_budget_seconds)
+    limits = run_limits(processor, time_budget_seconds)
     limit = limit_name(processor_name)
     held = ProcessorSlot(_ensure_limit(limit), limit, flow_run.get_id())
     stop = threading.Event()
@@ -332,7 +405,28 @@ def run_processor(
                 processor, data_path, db_path, attempts, flow_run.get_id(), logger
             )
             try:
-                _process(processor, the_plan.candidates, deadline, committer, stop)
+                candidates = the_plan.candidates
+                if candidates:
+                    sinks = _progress_sinks(processor_name, logger)
+                    committer.progress = Progress(processor_name, candidates, sinks, every=5.0)
+                workers = read_processes(processor, candidates, limits.allowance is not None)
+                if workers > 1:
+                    logger.info(
+                        "%s: reading %d sessions in %d processes",
+                        processor_name,
+                        len(candidates),
+                        workers,
+                    )
+                    read_backlog(
+                        quote(processor),
+                        quote(candidates),
+                        quote(limits),
+                        workers,
+                        quote(committer),
+                        quote(stop),
+                    )
+                else:
+                    _process(processor, candidates, limits, committer, stop)
                 if stop.is_set():
                     with committer.lock:
                         committer.flush()  # what was read is kept: the next run goes on
@@ -376,6 +470,7 @@ def run_processor(
         figures.duration_seconds,
     )
     _artifact(figures)
+    _summary_artifact(processor_name, db_path, logger)
     return figures.as_dict()
 
 

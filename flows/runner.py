@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flows.cadence import ANCHOR, interval_seconds
+from flows.cadence import ANCHOR, cadence
 from flows.names import flow_attribute, limit_name
 from processors import registry
 from state import config
@@ -67,30 +67,35 @@ def build_deployments(data_dir: str | None, db: str | None) -> list[RunnerDeploy
     """A deployment for every enabled processor. Changes the working directory to the project
     root: Prefect derives file entrypoints relative to it, and the run subprocesses inherit it."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-    from prefect.schedules import Interval
+    from prefect.schedules import Cron, Interval
 
     from flows.processor_flow import build_flow
 
     parameters = _pin_paths(data_dir, db)
     cadences = {
-        e.name: interval_seconds(e.processor)
+        e.name: cadence(e.processor)
         for e in registry.entries()
         if e.enabled and e.processor is not None
     }
     os.chdir(PROJECT_ROOT)
     result = []
-    for name, seconds in cadences.items():
+    for name, schedule in cadences.items():
+        if schedule.interval is not None:
+            when = f"every {schedule.interval}s (anchored at {ANCHOR.isoformat()})"
+            schedules = [Interval(timedelta(seconds=schedule.interval), anchor_date=ANCHOR)]
+        else:
+            when = f"at cron {schedule.cron} UTC"
+            schedules = [Cron(str(schedule.cron), timezone="UTC")]
         deployment = build_flow(name).to_deployment(
             name=name,
-            schedules=[Interval(timedelta(seconds=seconds), anchor_date=ANCHOR)],
+            schedules=schedules,
             concurrency_limit=ConcurrencyLimitConfig(
                 limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
             ),
             parameters=dict(parameters),
             tags=["session-pipeline", f"processor:{name}"],
-            description=f"Runs the {name} processor every {seconds}s (anchored at "
-            f"{ANCHOR.isoformat()}); one run at a time, a run that comes due while "
-            "another is going is cancelled (the going one does its work).",
+            description=f"Runs the {name} processor {when}; one run at a time, a run that "
+            "comes due while another is going is cancelled (the going one does its work).",
         )
         expected = f"{ENTRYPOINT_FILE}:{flow_attribute(name)}"
         if deployment.entrypoint != expected:  # a run subprocess could not load the flow

@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from flows.cadence import interval_seconds
+from flows.cadence import Cadence, cadence
 from flows.doctor import doctor
 from flows.names import flow_name
 from flows.prefect_api import PrefectAPI, PrefectUnavailable
@@ -140,7 +140,7 @@ class Plan:
 
     data_dir: Path
     db: Path
-    cadences: dict[str, int]  # enabled processor -> seconds
+    cadences: dict[str, Cadence]  # enabled processor -> its schedule
     disabled: dict[str, str]  # processor -> why
 
 
@@ -151,11 +151,11 @@ def check_config(data_dir: str | None, db: str | None) -> Plan:
     data_path = config.data_dir(data_dir).resolve()
     db_path = config.db_path(db).resolve()
     check_data_dir(data_path)
-    cadences: dict[str, int] = {}
+    cadences: dict[str, Cadence] = {}
     disabled: dict[str, str] = {}
     for entry in registry.entries():
         if entry.enabled and entry.processor is not None:
-            cadences[entry.name] = interval_seconds(entry.processor)
+            cadences[entry.name] = cadence(entry.processor)
         else:
             disabled[entry.name] = entry.problem or "disabled"
     if not cadences:
@@ -298,7 +298,10 @@ def _deployments_served(api_url: str, names: list[str]) -> Callable[[], bool]:
     return probe
 
 
-def _every(seconds: int) -> str:
+def _every(schedule: Cadence) -> str:
+    seconds = schedule.interval
+    if seconds is None:
+        return f"at cron {schedule.cron} (UTC)"
     for unit, size in (("h", 3600), ("min", 60)):
         if seconds % size == 0:
             return f"every {seconds // size} {unit}"
@@ -386,8 +389,8 @@ def _run(
     print(f"  webhook      {webhook}  (POST /processors/<name>/runs, GET /health)", flush=True)
     print(f"  data dir     {plan.data_dir}", flush=True)
     print(f"  state db     {plan.db}  (serve's address in {serve_file(plan.db).name})", flush=True)
-    for name, seconds in plan.cadences.items():
-        print(f"  {name:<12} {_every(seconds)}  (deployment {flow_name(name)}/{name})", flush=True)
+    for name, schedule in plan.cadences.items():
+        print(f"  {name:<12} {_every(schedule)}  (deployment {flow_name(name)}/{name})", flush=True)
     for name, why in plan.disabled.items():
         print(f"  {name:<12} disabled: {why}", flush=True)
     print(f"{PROG}: press Ctrl-C (or send SIGTERM) to stop", flush=True)

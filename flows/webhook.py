@@ -33,7 +33,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from flows.cadence import interval_seconds
+from flows.cadence import cadence
 from flows.health import health
 from flows.names import flow_name, new_run_name, trigger_limit_name
 from flows.prefect_api import (
@@ -268,7 +268,7 @@ class Webhook:
             }
             if e.processor is not None:
                 try:
-                    item["cadence_seconds"] = interval_seconds(e.processor)
+                    item["cadence_seconds"] = cadence(e.processor).gap_seconds
                 except ConfigError as error:
                     item["enabled"], item["reason"] = False, str(error)
             listing.append(item)

@@ -193,12 +193,18 @@ def test_slow_the_dead_runs_lease_expiring_never_frees_a_live_runs_slot(
         # The dead lease, last renewed before the kill, expires within 60 s of it and the
         # server revokes expired leases every 15 s: the second run waits (30 s) across that.
         time.sleep(max(0.0, zombie.killed_at + 42 - time.monotonic()))
-        second_log = tmp_path / "second.log"
-        second = _start_run(prefect_api, sessions, db, second_log, sleep=0)
+        # The second run as from another host: its own state file, so only the Prefect slot
+        # (not this host's lock, which would refuse it at once) stands between the two.
+        second_log, second_db = tmp_path / "second.log", tmp_path / "elsewhere.duckdb"
+        second = _start_run(prefect_api, sessions, second_db, second_log, sleep=0)
         code, out = _run_output(second, second_log, timeout=120)
-        assert time.monotonic() > zombie.killed_at + 75, "the second run gave up too early"
         assert code != 0 and "Processor 'linecount' is already running" in out, out[-2000:]
-        assert _slots(api) == 1  # still the long run's
+        assert "on this host holds its lock" not in out  # refused by the slot, after waiting
+        assert _rows(second_db, "SELECT count(*) FROM processor_runs") == [(0,)]
+        # Past the moment the dead lease has surely expired and been revoked (60 s after its
+        # last renewal, plus the server's 15 s loop): the slot is still the long run's.
+        time.sleep(max(0.0, zombie.killed_at + 80 - time.monotonic()))
+        assert long_run.poll() is None and _slots(api) == 1
         code, out = _run_output(long_run, long_log, timeout=120)
         assert code == 0, out[-2000:]
     finally:

@@ -174,7 +174,7 @@ def test_runs_killed_at_several_points_end_row_for_row_equal_to_a_clean_run(
             (committed,) = _rows(db, "SELECT count(*) FROM session_processor_state")[0]
             assert target <= committed < total, "the kill did not land mid-run"
             committed_at_kill.append(committed)
-            assert len(report.crashed) == 1 and report.slots_reset == [limit_name("usage")]
+            assert len(report.crashed) == 1 and report.slots_freed == [limit_name("usage")]
             assert not report.errors, report.lines()
         final = subprocess.run([EXE, *args], env=env, capture_output=True, text=True, timeout=180)
         assert final.returncode == 0, final.stderr[-3000:]

@@ -58,6 +58,12 @@ def test_usage_flow_on_the_samples(prefect_api: str, tmp_path: Path, db: Path) -
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
         )
         assert len(artifacts) == 1 and '"processed"' in str(artifacts[0].data)
+        (summary,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["usage-summary"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
+        )
+        assert summary.type == "markdown"
+        assert "| carol | 15 | 231,601 | 1,664 | $0.13 |" in str(summary.data)  # see test_summary
         limit = client.read_global_concurrency_limit_by_name(limit_name("usage"))
         assert limit.limit == 1 and limit.active_slots == 0
         flow = client.read_flow(flow_run.flow_id)

@@ -17,6 +17,7 @@ class LineCount:
     name = "linecount"
     version = os.environ.get("SP_TEST_LINECOUNT_VERSION", "1")
     cadence_seconds = 300
+    uncapped = True  # local and cheap, like usage: SESSION_PROCESSOR_MAX_PER_RUN does not apply
     tables = (
         Table(
             "linecount_lines",
