@@ -232,6 +232,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     for r in results:
         for detail in r["errors_detail"][:20]:
             print(f"  {r['processor']}: {detail['session']}: {detail['error']}")
+        if r.get("totals"):
+            from flows.summary import totals_line
+
+            print(totals_line(r["processor"], r["totals"]))
     print(f"\nstate: {db}")
     return 0
 

@@ -14,15 +14,17 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
 from flows.progress import Progress, Sink
+from flows.summary import RUN_TOTALS
 from flows.work import ReadAllowance, process_batch
 from processors.base import Processor, is_append_safe
 from state import config, store
@@ -193,6 +195,7 @@ class Tally:
     figures: RunFigures
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log
     attempted: int = 0
+    read_keys: list[str] = field(default_factory=list)  # sessions read, for the run's totals
     started: float = field(default_factory=time.monotonic)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -227,6 +230,7 @@ class Tally:
                     o.complete_offset or 0,
                 )
             elif o.status == "processed":
+                self.read_keys.append(o.key)
                 self.figures.processed += 1
                 self.figures.items_extracted += o.items
             elif o.status == "unchanged":
@@ -276,6 +280,9 @@ class Committer:
         self.since = time.monotonic()
         self.lock = threading.Lock()  # segments are committed from the threads reading them
         self.progress: Progress | None = None  # told of every outcome as it arrives
+        # what the sessions the run read add up to (flows/summary.py RUN_TOTALS)
+        self.totals: Callable[[duckdb.DuckDBPyConnection, list[str]], dict[str, Any]] | None
+        self.totals = RUN_TOTALS.get(processor.name)
 
     def add(self, outcomes: Sequence[Outcome]) -> None:
         if self.progress is not None:
@@ -328,6 +335,8 @@ class Committer:
         with self.lock, self._connection() as con, transaction(con):
             self._apply_pending(con)
             figures = self.tally.finish(candidates)
+            if self.totals is not None and self.tally.read_keys:
+                figures.totals = self.totals(con, self.tally.read_keys)
             store.finish_run(con, run_id, figures, finished_at=datetime.now(UTC))
         return figures
 

@@ -270,7 +270,10 @@ def _sigterm_sets(stop: threading.Event) -> Iterator[None]:
 
 def _artifact(figures: RunFigures) -> None:
     data = figures.as_dict()
-    rows = [{"figure": k, "value": v} for k, v in data.items() if k != "errors_detail"]
+    rows = [
+        {"figure": k, "value": v} for k, v in data.items() if k not in ("errors_detail", "totals")
+    ]
+    rows += [{"figure": f"sessions read: {k}", "value": v} for k, v in figures.totals.items()]
     create_table_artifact(
         key=f"{figures.processor.replace('_', '-')}-run-figures",
         table=rows,
@@ -469,6 +472,10 @@ def run_processor(
         figures.items_extracted,
         figures.duration_seconds,
     )
+    if figures.totals:
+        from flows.summary import totals_line
+
+        logger.info("%s", totals_line(processor_name, figures.totals))
     _artifact(figures)
     _summary_artifact(processor_name, db_path, logger)
     return figures.as_dict()

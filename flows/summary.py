@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import duckdb
 
@@ -72,3 +73,51 @@ def usage_summary(con: duckdb.DuckDBPyConnection) -> str:
 
 
 SUMMARIES: dict[str, Callable[[duckdb.DuckDBPyConnection], str]] = {"usage": usage_summary}
+
+
+def usage_run_totals(con: duckdb.DuckDBPyConnection, sessions: list[str]) -> dict[str, Any]:
+    """What the sessions a run read add up to: requests, tokens and cost at today's prices
+    (a session that grew counts whole), and how many requests have no price."""
+    row = con.execute(
+        """
+        SELECT count(*), sum(input_tokens), sum(output_tokens),
+               sum(cache_creation_input_tokens), sum(cache_read_input_tokens),
+               sum(cost_usd), count(*) FILTER (WHERE cost_usd IS NULL)
+        FROM usage_requests WHERE session_file IN (SELECT UNNEST($1))
+        """,
+        [sessions],
+    ).fetchone()
+    names = (
+        "requests",
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+        "cost_usd",
+        "unpriced_requests",
+    )
+    values = row or (0,) * len(names)
+    totals = {name: (value or 0) for name, value in zip(names, values, strict=True)}
+    totals["cost_usd"] = round(float(totals["cost_usd"]), 6)
+    return totals
+
+
+RUN_TOTALS: dict[str, Callable[[duckdb.DuckDBPyConnection, list[str]], dict[str, Any]]] = {
+    "usage": usage_run_totals
+}
+
+
+def totals_line(processor: str, totals: dict[str, Any]) -> str:
+    """The totals for people: `usage: 7 sessions read: 52 requests, 12,345 input … $0.57`."""
+    parts = [f"{totals.get('requests', 0):,} requests"]
+    for name, label in (
+        ("input_tokens", "input"),
+        ("output_tokens", "output"),
+        ("cache_creation_input_tokens", "cache write"),
+        ("cache_read_input_tokens", "cache read"),
+    ):
+        parts.append(f"{totals.get(name, 0):,} {label}")
+    cost = f"${totals.get('cost_usd', 0):,.2f}"
+    if totals.get("unpriced_requests"):
+        cost += f" ({totals['unpriced_requests']:,} requests unpriced: a partial cost)"
+    return f"{processor}, sessions read: " + ", ".join(parts) + f"; cost {cost}"

@@ -195,6 +195,11 @@ def _quarantined_held(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("ALTER TABLE processor_runs ADD COLUMN IF NOT EXISTS quarantined_held INTEGER")
 
 
+def _run_totals(con: duckdb.DuckDBPyConnection) -> None:
+    # What the sessions a run read add up to (usage: tokens and cost), as JSON.
+    con.execute("ALTER TABLE processor_runs ADD COLUMN IF NOT EXISTS totals JSON")
+
+
 MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
     (1, "session_processor_state with versions, stat and attempts", _state_table),
     (2, "import session_extraction_state as verification rows", _import_extraction_state),
@@ -204,6 +209,7 @@ MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
     (6, "append checkpoints on session_processor_state", _append_checkpoints),
     (7, "session_checkpoints table", _checkpoints_table),
     (8, "processor_runs.quarantined_held", _quarantined_held),
+    (9, "processor_runs.totals", _run_totals),
 )
 
 LATEST = MIGRATIONS[-1][0]

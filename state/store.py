@@ -659,6 +659,8 @@ class RunFigures:
     items_extracted: int = 0
     errors_detail: list[dict[str, str]] = field(default_factory=list)
     duration_seconds: float = 0.0
+    # What the sessions this run read add up to, for processors that say (usage: tokens, cost)
+    totals: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -673,6 +675,7 @@ class RunFigures:
             "items_extracted": self.items_extracted,
             "errors_detail": self.errors_detail,
             "duration_seconds": round(self.duration_seconds, 3),
+            "totals": self.totals,
         }
 
 
@@ -718,7 +721,8 @@ def finish_run(
         UPDATE processor_runs SET
             finished_at = ?, status = ?, duration_seconds = epoch(?::TIMESTAMPTZ - started_at),
             scanned = ?, processed = ?, skipped = ?, errors = ?, quarantined = ?,
-            quarantined_held = ?, deferred = ?, items_extracted = ?, errors_detail = ?
+            quarantined_held = ?, deferred = ?, items_extracted = ?, errors_detail = ?,
+            totals = ?
         WHERE run_id = ?
         """,
         [
@@ -734,6 +738,7 @@ def finish_run(
             f.deferred,
             f.items_extracted,
             orjson.dumps(f.errors_detail).decode(),
+            orjson.dumps(f.totals).decode() if f.totals else None,
             run_id,
         ],
     )

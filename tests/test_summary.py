@@ -34,3 +34,18 @@ def test_the_latest_week_per_user_and_the_top_tools(tmp_path: Path, db: Path) ->
         for view in UsageProcessor().views:
             con.execute(view)
         assert usage_summary(con).endswith("No requests yet.\n")
+
+
+def test_a_usage_run_reports_what_the_sessions_it_read_add_up_to(tmp_path: Path, db: Path) -> None:
+    data_dir = tmp_path / "sessions"
+    shutil.copytree(EXAMPLES, data_dir)
+    figures = run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
+    with connect(db, read_only=True) as con:
+        ((requests, output, cost),) = con.execute(
+            "SELECT count(*), sum(output_tokens), sum(cost_usd) FROM usage_requests"
+        ).fetchall()
+        (stored,) = con.execute("SELECT totals FROM processor_runs").fetchone() or (None,)
+    assert (figures.totals["requests"], figures.totals["output_tokens"]) == (requests, output)
+    assert figures.totals["cost_usd"] == round(cost, 6) and figures.totals["unpriced_requests"] == 0
+    assert stored is not None and '"requests":56' in stored
+    assert run_direct(UsageProcessor(), data_dir, db, max_attempts=3).totals == {}  # read nothing
