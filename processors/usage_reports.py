@@ -15,9 +15,58 @@ epoch microseconds, so nothing depends on the connection's `TimeZone` setting.
 
 from __future__ import annotations
 
+from processors.pricing import LONG_CONTEXT_TOKENS
+
 HOUR_US = 3_600_000_000
 BLOCK_HOURS = 5
 BLOCK_US = BLOCK_HOURS * HOUR_US
+
+# --- retention -------------------------------------------------------------------------------
+#
+# `USAGE_EVENTS_RETENTION_DAYS` (flows/retention.py) deletes requests and events older than a
+# cutoff. Before it does, their figures go to `usage_rollup_archive`: one row per 15-minute
+# bucket (UTC), session file, model and context tier, with token sums split as prices need
+# them, so the archived rows are priced at query time like live ones and cut into days and
+# months in any time zone (every zone's offset is a multiple of 15 minutes). The cutoff is
+# stored (`usage_retention`) and only moves forward: live rows older than it are left out of
+# every report view (a processor version bump that reads old files again cannot count them
+# twice), and the end of each usage run deletes them again.
+ARCHIVE_BUCKET_US = 15 * 60 * 1_000_000
+
+RETENTION_DDL = """CREATE TABLE IF NOT EXISTS usage_retention (
+    id INTEGER PRIMARY KEY,
+    cutoff TIMESTAMPTZ NOT NULL,
+    days INTEGER,
+    applied_at TIMESTAMPTZ NOT NULL
+)"""
+
+ARCHIVE_DDL = """CREATE TABLE IF NOT EXISTS usage_rollup_archive (
+    bucket_start TIMESTAMPTZ NOT NULL,
+    session_file VARCHAR,
+    username VARCHAR,
+    session_id VARCHAR,
+    model VARCHAR,
+    price_model VARCHAR,
+    long_context BOOLEAN,
+    requests BIGINT,
+    tokenless_requests BIGINT,
+    input_tokens BIGINT,
+    output_tokens BIGINT,
+    cache_creation_input_tokens BIGINT,
+    cache_read_input_tokens BIGINT,
+    cache_write_5m_tokens BIGINT,
+    cache_write_1h_tokens BIGINT,
+    archived_at TIMESTAMPTZ
+)"""
+
+CUTOFF = "(SELECT max(cutoff) FROM usage_retention)"
+
+
+def live(column: str = "occurred_at") -> str:
+    """SQL: the row at `column` is not older than the retention cutoff (a row without a time,
+    or any row while nothing was pruned, is live)."""
+    return f"NOT coalesce({column} < {CUTOFF}, false)"
+
 
 # The order `usage_requests_unique` keeps a request's copies in (processors/usage.py): the
 # first is kept.
@@ -25,7 +74,8 @@ _COPY_ORDER = (
     "CASE WHEN stop_reason IS NULL THEN 1 ELSE 0 END, output_tokens DESC NULLS LAST, session_file"
 )
 
-# The rows of usage_requests_unique (priced, every column of usage_requests).
+# The rows of usage_requests_unique (priced, every column of usage_requests) not older than the
+# retention cutoff.
 UNIQUE_REQUESTS = f"""(
     SELECT r.* FROM usage_requests r
     ANTI JOIN (
@@ -43,6 +93,7 @@ UNIQUE_REQUESTS = f"""(
     ON r.session_file = losing.session_file
         AND r.message_id IS NOT DISTINCT FROM losing.message_id
         AND r.request_id IS NOT DISTINCT FROM losing.request_id
+    WHERE {live("r.occurred_at")}
 )"""
 
 TOKEN_COLUMNS = (
@@ -50,19 +101,6 @@ TOKEN_COLUMNS = (
     "output_tokens",
     "cache_creation_input_tokens",
     "cache_read_input_tokens",
-)
-
-# Per group of requests: the figures every usage report shows.
-_FIGURES = ",\n    ".join(
-    [
-        "count(DISTINCT coalesce(session_id, session_file)) AS sessions",
-        "count(*) AS requests",
-        *(f"CAST(coalesce(sum({c}), 0) AS BIGINT) AS {c}" for c in TOKEN_COLUMNS),
-        "CAST(" + " + ".join(f"coalesce(sum({c}), 0)" for c in TOKEN_COLUMNS) + " AS BIGINT)"
-        " AS total_tokens",
-        "sum(cost_usd) AS cost_usd",
-        "count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced_requests",
-    ]
 )
 
 
@@ -82,12 +120,114 @@ def _period(grain: str, zone: str) -> str:
     return f"CAST(date_trunc('month', {local}) AS DATE)" if grain == "month" else local
 
 
+# Per request, the token counts its price applies to (as processors/pricing.py cost_sql reads
+# them): cache writes at the 5-minute and 1-hour rates, and whether it is long-context.
+_TOKENLESS = " AND ".join(f"{c} IS NULL" for c in TOKEN_COLUMNS)
+_WRITE_5M = """CASE WHEN cache_creation_5m_input_tokens IS NOT NULL
+        OR cache_creation_1h_input_tokens IS NOT NULL
+    THEN coalesce(cache_creation_5m_input_tokens, 0)
+    ELSE coalesce(cache_creation_input_tokens, 0) END"""
+_WRITE_1H = "coalesce(cache_creation_1h_input_tokens, 0)"
+
+
+def archive_sql() -> str:
+    """INSERT the rollup parts of the live requests older than `?` (the new cutoff) into
+    usage_rollup_archive; the second `?` is the time they are archived at."""
+    q = ARCHIVE_BUCKET_US
+    return f"""INSERT INTO usage_rollup_archive
+SELECT make_timestamptz(epoch_us(occurred_at) // {q} * {q}) AS bucket_start,
+    session_file, username, session_id, model, price_model,
+    coalesce(input_tokens, 0) + n_5m + n_1h + coalesce(cache_read_input_tokens, 0)
+        > {LONG_CONTEXT_TOKENS} AS long_context,
+    count(*) AS requests,
+    count(*) FILTER (WHERE tokenless) AS tokenless_requests,
+    {", ".join(f"coalesce(sum({c}), 0) AS {c}" for c in TOKEN_COLUMNS)},
+    coalesce(sum(n_5m) FILTER (WHERE NOT tokenless), 0) AS cache_write_5m_tokens,
+    coalesce(sum(n_1h) FILTER (WHERE NOT tokenless), 0) AS cache_write_1h_tokens,
+    CAST(? AS TIMESTAMPTZ) AS archived_at
+FROM (
+    SELECT *, {_WRITE_5M} AS n_5m, {_WRITE_1H} AS n_1h, ({_TOKENLESS}) AS tokenless
+    FROM {UNIQUE_REQUESTS} requests
+    WHERE occurred_at < ?
+)
+GROUP BY ALL"""
+
+
+def _archived_cost() -> str:
+    """The cost of an archive row `a` at today's prices `p` (cost_sql's sum over its
+    requests; NULL when its model has no price or none of its requests has tokens)."""
+
+    def rate(name: str) -> str:
+        return (
+            f"(CASE WHEN a.long_context AND p.long_input_per_mtok IS NOT NULL "
+            f"THEN p.long_{name}_per_mtok ELSE p.{name}_per_mtok END)"
+        )
+
+    total = (
+        f"a.input_tokens * {rate('input')} + a.output_tokens * {rate('output')} "
+        f"+ a.cache_write_5m_tokens * {rate('cache_write_5m')} "
+        f"+ a.cache_write_1h_tokens * {rate('cache_write_1h')} "
+        f"+ a.cache_read_input_tokens * {rate('cache_read')}"
+    )
+    return (
+        "CASE WHEN p.model IS NULL OR a.requests = a.tokenless_requests THEN NULL "
+        f"ELSE ({total}) / 1e6 END"
+    )
+
+
+# The rows every day and month figure is summed from: live requests (one each) and archived
+# parts (a bucket's requests of a session file and model), with the same columns; an
+# archived part's `occurred_at` is its bucket's start.
+_ROLLUP_COLUMNS = (
+    "occurred_at, username, model, session, requests, "
+    + ", ".join(TOKEN_COLUMNS)
+    + ", cost_usd, unpriced_requests"
+)
+ROLLUP_ROWS = f"""(
+    SELECT {_ROLLUP_COLUMNS} FROM (
+        SELECT occurred_at, username, model, coalesce(session_id, session_file) AS session,
+            1 AS requests, {", ".join(TOKEN_COLUMNS)}, cost_usd,
+            CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END AS unpriced_requests
+        FROM {UNIQUE_REQUESTS} requests
+    )
+    UNION ALL
+    SELECT {_ROLLUP_COLUMNS} FROM (
+        SELECT a.bucket_start AS occurred_at, a.username, a.model,
+            coalesce(a.session_id, a.session_file) AS session, a.requests,
+            {", ".join(f"a.{c}" for c in TOKEN_COLUMNS)},
+            {_archived_cost()} AS cost_usd,
+            CASE WHEN p.model IS NULL THEN a.requests ELSE a.tokenless_requests END
+                AS unpriced_requests
+        FROM usage_rollup_archive a LEFT JOIN usage_prices p ON p.model = a.price_model
+    )
+)"""
+
+
+def rollup_rows(where: str = "") -> str:
+    """The rows of ROLLUP_ROWS matching `where` (SQL on occurred_at, username, model)."""
+    return f"(SELECT * FROM {ROLLUP_ROWS} rows WHERE {where})" if where else ROLLUP_ROWS
+
+
+# Per group of rollup rows: the figures every usage report shows.
+_ROLLUP_FIGURES = ",\n    ".join(
+    [
+        "count(DISTINCT session) AS sessions",
+        "CAST(sum(requests) AS BIGINT) AS requests",
+        *(f"CAST(coalesce(sum({c}), 0) AS BIGINT) AS {c}" for c in TOKEN_COLUMNS),
+        "CAST(" + " + ".join(f"coalesce(sum({c}), 0)" for c in TOKEN_COLUMNS) + " AS BIGINT)"
+        " AS total_tokens",
+        "sum(cost_usd) AS cost_usd",
+        "CAST(sum(unpriced_requests) AS BIGINT) AS unpriced_requests",
+    ]
+)
+
+
 def period_sql(grain: str, zone: str = "UTC", where: str = "") -> str:
     """Requests per `grain` ('day' or 'month', as a DATE: a month is its first day) in time
-    zone `zone`, user and model."""
+    zone `zone`, user and model; archived (pruned) requests included."""
     return f"""SELECT CAST({_period(grain, zone)} AS DATE) AS {grain}, username, model,
-    {_FIGURES}
-FROM {unique_requests(where)} requests
+    {_ROLLUP_FIGURES}
+FROM {rollup_rows(where)} requests
 GROUP BY ALL"""
 
 
@@ -99,6 +239,14 @@ _PARTS = ",\n    ".join(
         *(f"coalesce(sum({c}), 0) AS {c}" for c in TOKEN_COLUMNS),
         "sum(cost_usd) AS cost_usd",
         "count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced_requests",
+    ]
+)
+_ROLLUP_PARTS = ",\n    ".join(
+    [
+        "sum(requests) AS requests",
+        *(f"coalesce(sum({c}), 0) AS {c}" for c in TOKEN_COLUMNS),
+        "sum(cost_usd) AS cost_usd",
+        "sum(unpriced_requests) AS unpriced_requests",
     ]
 )
 _SUMMED = ",\n    ".join(
@@ -114,12 +262,12 @@ _SUMMED = ",\n    ".join(
 
 def report_period_sql(grain: str, zone: str, where: str = "") -> str:
     """The `report daily|monthly` rows: per period and model (`level` 2), per period
-    (`level` 1, with its users and sessions counted once) and the total (`level` 0)."""
+    (`level` 1, with its users and sessions counted once) and the total (`level` 0);
+    archived (pruned) requests included."""
     return f"""WITH parts AS (
-    SELECT CAST({_period(grain, zone)} AS DATE) AS period, model, username,
-        coalesce(session_id, session_file) AS session,
-        {_PARTS}
-    FROM {unique_requests(where)} requests
+    SELECT CAST({_period(grain, zone)} AS DATE) AS period, model, username, session,
+        {_ROLLUP_PARTS}
+    FROM {rollup_rows(where)} requests
     GROUP BY ALL
 )
 SELECT period, model, 2 - GROUPING(period) - GROUPING(model) AS level,
@@ -269,7 +417,7 @@ def tools_sql(where: str = "") -> str:
         bool_or(coalesce(is_error, false)) AS is_error,
         min(occurred_at) AS occurred_at
     FROM usage_events
-    {"WHERE " + where if where else ""}
+    WHERE {live()}{" AND (" + where + ")" if where else ""}
     GROUP BY call_key
 )
 SELECT event_type, name, calls, errors, round(errors / calls, 4) AS error_rate, users,
@@ -289,6 +437,8 @@ FROM (
 USAGE_TOOLS_VIEW = "CREATE OR REPLACE VIEW usage_tools AS\n" + tools_sql()
 
 REPORT_VIEWS: tuple[str, ...] = (
+    ARCHIVE_DDL,
+    RETENTION_DDL,
     USAGE_DAILY_VIEW,
     USAGE_MONTHLY_VIEW,
     USAGE_BLOCKS_VIEW,

@@ -97,6 +97,8 @@ def test_processor_shape() -> None:
         "usage_requests",
         "usage_requests_unique",
         "usage_sessions",
+        "usage_rollup_archive",
+        "usage_retention",
         "usage_daily",
         "usage_monthly",
         "usage_blocks",

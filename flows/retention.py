@@ -1,0 +1,189 @@
+"""Retention of usage detail: `USAGE_EVENTS_RETENTION_DAYS` and `session-pipeline prune`.
+
+Requests (`usage_requests_raw`) and tool calls (`usage_events`) older than N days are deleted
+at the end of each usage run (`apply_retention`, called in the run's last transaction) or on
+demand (`prune [--days N]`). Their day and month figures are kept: before anything is
+deleted, the requests' rollup parts go to `usage_rollup_archive` (processors/usage_reports.py),
+which `usage_daily`, `usage_monthly` and `report daily|monthly` add to the live rows. Session
+summaries (`usage_sessions_raw`) are kept whole.
+
+The cutoff is stored in `usage_retention` and never moves back. Rows older than it that come
+back (a version bump reads old files again) are left out of the report views and deleted at
+the next run's end, never archived twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import duckdb
+
+from processors import usage_reports as sql
+from state import config
+from state.config import ConfigError
+from state.db import StateError, connect, transaction
+from state.hostlock import HostLock
+
+ENV = "USAGE_EVENTS_RETENTION_DAYS"
+USAGE_TABLES = ("usage_requests_raw", "usage_events", "usage_rollup_archive", "usage_retention")
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    """What one application of retention did."""
+
+    days: int
+    cutoff: datetime  # rows before this instant are gone (their rollups archived)
+    previous_cutoff: datetime | None
+    requests_archived: int  # distinct requests whose figures went to the archive
+    request_rows_deleted: int  # usage_requests_raw rows (copies of resumed sessions included)
+    events_deleted: int
+
+    def describe(self) -> str:
+        return (
+            f"pruned usage before {self.cutoff.isoformat(timespec='seconds')} "
+            f"({self.days} days): {self.requests_archived:,} request(s) archived into the daily "
+            f"and monthly rollups, {self.request_rows_deleted:,} request row(s) and "
+            f"{self.events_deleted:,} event(s) deleted"
+        )
+
+
+def retention_days(env: dict[str, str] | None = None) -> int | None:
+    """`USAGE_EVENTS_RETENTION_DAYS`: None when unset or 0 (keep everything); anything but a
+    whole number of days >= 0 is a ConfigError."""
+    raw = (os.environ if env is None else env).get(ENV)
+    if raw is None:
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"{ENV} must be a whole number of days (0 keeps everything), got {raw!r}")
+    return value or None
+
+
+def stored_cutoff(con: duckdb.DuckDBPyConnection) -> datetime | None:
+    row = con.execute(f"SELECT {sql.CUTOFF}").fetchone()
+    return row[0] if row else None
+
+
+def prune(
+    con: duckdb.DuckDBPyConnection, days: int, now: datetime | None = None
+) -> RetentionResult:
+    """Archive the rollups of the requests older than `days` days before `now`, then delete
+    them and the events as old, in the caller's transaction. The cutoff only moves forward:
+    a larger `days` than before deletes nothing more and restores nothing."""
+    if days <= 0:
+        raise ConfigError(f"retention needs a positive number of days, got {days}")
+    now = now or datetime.now(UTC)
+    previous = stored_cutoff(con)
+    cutoff = now - timedelta(days=days)
+    if previous is not None and previous > cutoff:
+        cutoff = previous
+    archived = _archived(con)
+    con.execute(sql.archive_sql(), [now, cutoff])
+    archived = _archived(con) - archived
+    requests = _deleted(con, "usage_requests_raw", cutoff)
+    events = _deleted(con, "usage_events", cutoff)
+    con.execute(
+        "INSERT OR REPLACE INTO usage_retention (id, cutoff, days, applied_at) VALUES (1, ?, ?, ?)",
+        [cutoff, days, now],
+    )
+    return RetentionResult(
+        days=days,
+        cutoff=cutoff,
+        previous_cutoff=previous,
+        requests_archived=archived,
+        request_rows_deleted=requests,
+        events_deleted=events,
+    )
+
+
+def _archived(con: duckdb.DuckDBPyConnection) -> int:
+    row = con.execute("SELECT coalesce(sum(requests), 0) FROM usage_rollup_archive").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _deleted(con: duckdb.DuckDBPyConnection, table: str, cutoff: datetime) -> int:
+    row = con.execute(f"DELETE FROM {table} WHERE occurred_at < ?", [cutoff]).fetchone()
+    return int(row[0]) if row else 0
+
+
+def apply_retention(con: duckdb.DuckDBPyConnection) -> RetentionResult | None:
+    """The end of a usage run: prune by `USAGE_EVENTS_RETENTION_DAYS`, in the caller's
+    transaction on a writable connection whose usage tables exist. None when it is unset or
+    0; a ConfigError when it is invalid."""
+    days = retention_days()
+    if days is None:
+        return None
+    return prune(con, days)
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def register(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add the `prune` command; return its function by name."""
+    from flows.cli import _paths, _positive_int  # here: flows.cli may import this module
+
+    parser = commands.add_parser(
+        "prune",
+        help="delete usage requests and events older than N days (daily/monthly figures kept)",
+    )
+    parser.add_argument("--days", type=_positive_int, help=f"keep this many days (default: {ENV})")
+    _paths(parser)
+    return {"prune": cmd_prune}
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    days = args.days if args.days is not None else retention_days()
+    if days is None:
+        raise ConfigError(f"nothing to prune: pass --days N or set {ENV}")
+    db = config.db_path(args.db)
+    if not db.exists():
+        raise StateError(f"no state yet at {db}: nothing to prune")
+    # One usage run at a time on this host: a prune is a run's last step taken alone.
+    with HostLock(db, "usage"), connect(db) as con:
+        tables = {
+            name
+            for (name,) in con.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_catalog = current_database() AND table_schema = 'main'"
+            ).fetchall()
+        }
+        if not set(USAGE_TABLES) <= tables:
+            raise StateError(
+                f"no usage data in {db} yet (or made by an older version): "
+                "`session-pipeline run usage` creates it"
+            )
+        with transaction(con):
+            result = prune(con, days)
+    print(result.describe())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m flows.retention prune …`: the command alone, as flows/cli.py runs it."""
+    from flows.cli import EXIT_ERROR, _Parser
+
+    parser = _Parser(prog="session-pipeline")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    functions = register(commands)
+    args = parser.parse_args(argv)
+    try:
+        return functions[args.command](args)
+    except (ConfigError, StateError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
