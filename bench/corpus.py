@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -824,9 +825,12 @@ def cached_big_session(size_bytes: int, *, seed: int = DEFAULT_SEED) -> tuple[Pa
     return path, meta
 
 
-def append_lines(meta: dict[str, Any], nbytes: int = 1024, *, round_no: int = 0) -> bytes:
+def append_lines(
+    meta: dict[str, Any], nbytes: int = 1024, *, round_no: int = 0, prompt: bool = True
+) -> bytes:
     """`nbytes` of complete lines continuing the session `meta` describes: a prompt and a
-    streamed answer when they fit, else one answer line, padded with text to the size asked."""
+    streamed answer when they fit (and `prompt`), else one answer line, padded with text to
+    the size asked."""
     rng = random.Random(f"{meta['seed']}:{meta['session_id']}:append:{round_no}")
     w = _Writer(
         rng,
@@ -848,7 +852,7 @@ def append_lines(meta: dict[str, Any], nbytes: int = 1024, *, round_no: int = 0)
         w.respond([{"type": "text", "text": "Done. " + filler[:pad]}])
         return w.take()
 
-    prompt = len(build(0, prompt=True)) <= nbytes
+    prompt = prompt and len(build(0, prompt=True)) <= nbytes
     pad = 0
     for _ in range(12):  # token counts and timestamps vary in width: converge on the size
         data = build(pad, prompt)
@@ -856,6 +860,45 @@ def append_lines(meta: dict[str, Any], nbytes: int = 1024, *, round_no: int = 0)
             break
         pad = max(0, pad + nbytes - len(data))
     return data
+
+
+def session_meta(path: Path, *, seed: int = DEFAULT_SEED) -> dict[str, Any]:
+    """What `append_lines` needs to continue the transcript at `path` (a main session file,
+    named by its sessionId), taken from its last complete lines that carry them."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - (64 << 10)))
+        tail = f.read()
+    base: dict[str, Any] = {"cwd": "/home/user/src", "gitBranch": "main", "version": "2.1.31"}
+    meta: dict[str, Any] = {
+        "session_id": path.stem,
+        "model": SONNET,
+        "end": 1_785_542_400.0,
+        "parent": None,
+        "seed": seed,
+        "base": base,
+    }
+    for raw in reversed(tail.split(b"\n")):
+        try:
+            line = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(line, dict) or "uuid" not in line or "timestamp" not in line:
+            continue
+        meta["parent"] = line["uuid"]
+        meta["end"] = _epoch(line["timestamp"])
+        for key in base:
+            if isinstance(line.get(key), str):
+                base[key] = line[key]
+        model = (line.get("message") or {}).get("model")
+        if isinstance(model, str) and model.startswith("claude-"):
+            meta["model"] = model
+        break
+    return meta
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def late_tool_result(source: Path, meta: dict[str, Any]) -> bytes:

@@ -105,4 +105,9 @@ def pipeline_command(*argv: str, env: dict[str, str] | None = None) -> tuple[flo
         raise RuntimeError(
             f"session-pipeline {' '.join(argv)} failed: {done.stderr.strip()[-300:]}"
         )
+    if argv[:1] == ("run",) and "ran in this process" not in done.stderr:
+        raise RuntimeError(  # a Prefect profile or a local serve would make it a flow run
+            f"session-pipeline {' '.join(argv)} did not run in its own process: "
+            f"{done.stderr.strip()[-300:]}"
+        )
     return elapsed, done.stdout
