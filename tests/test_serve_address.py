@@ -67,18 +67,22 @@ def test_the_serve_file_names_a_live_serve_only(tmp_path: Path) -> None:
 def test_api_url_finds_the_local_serve_or_says_what_to_export(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # no profile's URL either
     db = tmp_path / "pipeline.duckdb"
-    with pytest.raises(PrefectUnavailable) as error:
-        api_url(db)
-    assert "export PREFECT_API_URL=http://" in str(error.value)
-    assert str(db) in str(error.value)
-    _write_serve_file(db, "http://127.0.0.1:4310/api", None, "http://127.0.0.1:8787")
-    try:
-        assert api_url(db) == "http://127.0.0.1:4310/api"
-        monkeypatch.setenv("PREFECT_API_URL", "http://prefect.internal:4200/api/")
-        assert api_url(db) == "http://prefect.internal:4200/api"  # the variable wins
-    finally:
-        _remove_serve_file(db)
+    # (nor one a test server earlier in this process left in Prefect's settings)
+    with temporary_settings({PREFECT_API_URL: None}):
+        with pytest.raises(PrefectUnavailable) as error:
+            api_url(db)
+        assert "export PREFECT_API_URL=http://" in str(error.value)
+        assert str(db) in str(error.value)
+        _write_serve_file(db, "http://127.0.0.1:4310/api", None, "http://127.0.0.1:8787")
+        try:
+            assert api_url(db) == "http://127.0.0.1:4310/api"
+            monkeypatch.setenv("PREFECT_API_URL", "http://prefect.internal:4200/api/")
+            assert api_url(db) == "http://prefect.internal:4200/api"  # the variable wins
+        finally:
+            _remove_serve_file(db)
     assert os.environ.get("PREFECT_API_URL")
