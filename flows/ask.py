@@ -20,20 +20,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import orjson
 
-from processors.llm import (
-    LLMConfig,
-    LLMConfigError,
-    LLMError,
-    LLMSession,
-    strip_code_fence,
-)
 from state.config import ConfigError
 from state.db import StateError
+
+if TYPE_CHECKING:  # the LLM client (httpx) is imported by `ask` alone, not every command
+    from processors.llm import LLMConfig
 
 # The documented relations a question may read (README: What you get, Reports).
 ALLOWED = (
@@ -137,6 +133,8 @@ def prompt(question: str, tables: dict[str, list[list[str]]], today: date) -> st
 def extract_sql(text: str) -> str:
     """The SQL in the model's answer: `{"sql": …}` as asked, or bare SQL, either in a
     ``` fence or not."""
+    from processors.llm import strip_code_fence
+
     body = strip_code_fence(text)
     try:
         data = orjson.loads(body)
@@ -255,6 +253,8 @@ def ask(
     today: date | None = None,
 ) -> Answer:
     """Ask the model for the query, check it, run it."""
+    from processors.llm import LLMError, LLMSession
+
     tables = schema(con)
     if not tables:
         raise StateError("no usage data yet: `session-pipeline run usage` creates it")
@@ -386,6 +386,7 @@ def register(
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from flows.report import _reading  # a read-only connection that waits for a run's commit
+    from processors.llm import LLMConfig, LLMConfigError
 
     try:
         llm = LLMConfig.from_env()

@@ -16,7 +16,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
+from flows.ask import register as register_ask_commands
 from flows.report import register as register_report_commands
+from flows.retention import register as register_retention_commands
 from processors import registry
 from state import config, store
 from state.config import ConfigError
@@ -141,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--json", action="store_true", help="print rows as JSON objects")
     _paths(query)
     COMMANDS.update(register_report_commands(commands))
+    COMMANDS.update(register_ask_commands(commands))
+    COMMANDS.update(register_retention_commands(commands))
     return parser
 
 
@@ -178,13 +182,13 @@ def _run_locally(name: str, data_dir: Path, db: Path, args: argparse.Namespace) 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import check_data_dir
+    from flows.pipeline import check_data_dir, check_run_settings
     from flows.prefect_target import prefect_api_url
 
     if args.all == bool(args.processor):
         raise _UsageError("give a processor name or --all, not both or neither")
     data_dir, db = config.data_dir(args.data_dir), config.db_path(args.db)
-    config.check_run_settings(args.max_attempts)  # every setting, before any work
+    check_run_settings(args.max_attempts)  # every setting, before any work
     if args.all:
         entries = registry.entries()
         names = [e.name for e in entries if e.enabled]

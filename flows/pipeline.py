@@ -24,6 +24,7 @@ from typing import Any
 import duckdb
 
 from flows.progress import Progress, Sink
+from flows.retention import apply_retention, retention_days
 from flows.summary import RUN_TOTALS
 from flows.work import ReadAllowance, process_batch
 from processors.base import Processor, is_append_safe
@@ -46,6 +47,13 @@ MAX_BATCH = 2000
 
 
 LAYOUT = "<data-dir>/<user>/<session>.jsonl"
+
+
+def check_run_settings(max_attempts: int | None = None) -> None:
+    """Every setting a run reads, checked before it does any work (state/config.py's, and
+    the retention of usage rows)."""
+    config.check_run_settings(max_attempts)
+    retention_days()
 
 
 def check_data_dir(data_dir: Path) -> None:
@@ -334,6 +342,10 @@ class Committer:
         # fsync (10 to 25 ms here), a good part of a small run.
         with self.lock, self._connection() as con, transaction(con):
             self._apply_pending(con)
+            if self.processor.name == "usage":  # USAGE_EVENTS_RETENTION_DAYS, in this commit
+                pruned = apply_retention(con)
+                if pruned is not None:
+                    self.tally.logger.info("%s", pruned.describe())
             figures = self.tally.finish(candidates)
             if self.totals is not None and self.tally.read_keys:
                 figures.totals = self.totals(con, self.tally.read_keys)
@@ -376,7 +388,7 @@ def begin(
     checkpoint, for the one ledger update."""
     ledger = LedgerEntry(flow_run_id or str(uuid.uuid4()), datetime.now(UTC), flow_run_id)
     started = time.monotonic()
-    config.check_run_settings(max_attempts)
+    check_run_settings(max_attempts)
     check_data_dir(data_dir)
     closing = ExitStack()  # what the committer lets go of at the end: the lock last
     closing.enter_context(HostLock(db, processor.name))

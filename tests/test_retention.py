@@ -211,3 +211,20 @@ def test_prune_command(
     assert _rows(db, "SELECT count(*) FROM usage_events") == [(0,)]
     assert _rounded(_rows(db, "SELECT * FROM usage_daily ORDER BY ALL")) == _rounded(daily)
     assert _rows(db, "SELECT count(*) FROM usage_sessions") == sessions
+
+
+def test_a_usage_run_prunes_at_its_end_and_a_bad_setting_stops_it_first(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    data_dir, db = tmp_path / "sessions", tmp_path / "state.duckdb"
+    shutil.copytree(EXAMPLES, data_dir)
+    monkeypatch.setenv(ENV, "soon")
+    with pytest.raises(ConfigError):
+        run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
+    assert not db.exists()  # found before any work
+    # the samples are from November 2026: a retention of 1 day prunes every request now
+    monkeypatch.setenv(ENV, "1")
+    assert run_direct(UsageProcessor(), data_dir, db, max_attempts=3).processed == 7
+    assert _rows(db, "SELECT count(*) FROM usage_requests_raw") == [(0,)]
+    assert _rows(db, "SELECT count(*) FROM usage_events") == [(0,)]
+    assert _rows(db, "SELECT sum(requests) FROM usage_daily")[0][0] > 0  # the rollups stay
