@@ -1316,14 +1316,15 @@ class Bench:
         notes = [
             self.describe(c),
             "`run_direct` into a new state file with `SESSION_PIPELINE_READ_PROCESSES=2` "
-            "(two worker processes read, this process commits) vs `=1` (this process reads "
-            f"and commits); per-round speed-ups {fmt_rounds(ratios, '×')}",
+            "(two worker processes read; this process commits, and reads the last batches no "
+            "worker has started whenever it has nothing to commit) vs `=1` (this process "
+            f"reads and commits); per-round speed-ups {fmt_rounds(ratios, '×')}",
         ]
         if ratio < 1.6:
             notes.append(f"one process, timed by step: {self.steps_with(1, c)}")
             notes.append(
-                "two processes, this process's steps (the workers' reading is not in them): "
-                f"{self.steps_with(2, c)}"
+                "two processes, this process's steps (its own reading of batches it took, its "
+                f"commits; the workers' reading is not in them): {self.steps_with(2, c)}"
             )
             notes.append(self.transfer_cost(c))
         return [
