@@ -21,6 +21,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 
 from flows.work import SEGMENT_BYTES, process_batch
@@ -101,6 +102,12 @@ def _take_last(waiting: list[Future[list[Outcome]]]) -> Future[list[Outcome]] | 
     return None
 
 
+def _failed(batch: Sequence[Candidate], error: BaseException) -> list[Outcome]:
+    now = datetime.now(UTC)
+    log.warning("a reader process failed (%s); its %d sessions fail", error, len(batch))
+    return [Outcome(c.key, "failed", now, error=f"reader process failed: {error}") for c in batch]
+
+
 def read_in_processes(
     processor: Processor,
     candidates: Sequence[Candidate],
@@ -130,6 +137,8 @@ def read_in_processes(
         for candidate in big:  # read here meanwhile, a segment and a commit at a time
             add(process_batch(processor, [candidate], deadline, emit=commit_now, stop=stop))
         left = set(futures)
+        workers_read = 0  # batches the workers sent back: is the pool working at all?
+        fallback = False
         while left:
             if stop is not None and stop.is_set():
                 for future in left:
@@ -148,13 +157,20 @@ def read_in_processes(
                     continue
                 try:
                     outcomes = future.result()
+                    workers_read += 1
+                except BrokenProcessPool as error:
+                    if workers_read:  # worked, then a worker died (say, killed): as below
+                        outcomes = _failed(futures[future], error)
+                    else:  # never worked: read here what it cannot
+                        if not fallback:
+                            log.warning(
+                                "reader processes could not start (%s; a script calling "
+                                "run_direct needs `if __name__ == '__main__':`); reading in "
+                                "this process",
+                                error,
+                            )
+                        fallback = True
+                        outcomes = process_batch(processor, futures[future], deadline, stop=stop)
                 except Exception as error:  # a worker died: its batch fails, not the run
-                    now = datetime.now(UTC)
-                    outcomes = [
-                        Outcome(c.key, "failed", now, error=f"reader process failed: {error}")
-                        for c in futures[future]
-                    ]
-                    log.warning(
-                        "a reader process failed (%s); its %d sessions fail", error, len(outcomes)
-                    )
+                    outcomes = _failed(futures[future], error)
                 add(outcomes)

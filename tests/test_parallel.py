@@ -61,3 +61,39 @@ def test_a_small_backlog_or_a_capped_processor_reads_in_one_process(
     assert parallel.read_processes(UsageProcessor(), few, capped=False) == 1
     assert parallel.read_processes(UsageProcessor(), many, capped=False) == parallel.cores()
     assert parallel.read_processes(UsageProcessor(), many, capped=True) == 1
+
+
+def test_a_script_without_a_main_guard_still_reads_everything(tmp_path: Path) -> None:
+    """Worker processes import the calling script again; one without
+    `if __name__ == "__main__":` breaks them. The run reads in its own process instead,
+    rather than failing (and in the end quarantining) every session."""
+    import subprocess
+    import sys
+
+    data_dir = tmp_path / "sessions"
+    shutil.copytree(EXAMPLES, data_dir)
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from flows.pipeline import run_direct\n"
+        "from processors.usage import UsageProcessor\n"
+        f"f = run_direct(UsageProcessor(), Path({str(data_dir)!r}), "
+        f"Path({str(tmp_path / 's.duckdb')!r}), max_attempts=3)\n"
+        "print(f.processed, f.errors)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+        env={
+            **__import__("os").environ,
+            "SESSION_PIPELINE_READ_PROCESSES": "2",
+            "PYTHONPATH": str(root),
+        },
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "7 0", done.stderr[-2000:]
+    assert "reader processes could not start" in done.stderr
