@@ -160,11 +160,16 @@ def _relations(con: duckdb.DuckDBPyConnection) -> set[str]:
 
 
 def _need_usage(con: duckdb.DuckDBPyConnection, db_flag: str | None) -> None:
-    missing = {"usage_requests", "usage_requests_raw", "usage_events"} - _relations(con)
-    if missing:
+    relations = _relations(con)
+    if {"usage_requests", "usage_requests_raw", "usage_events"} - relations:
         raise StateError(
             f"no usage data in {config.db_path(db_flag)} yet: `session-pipeline run usage` "
             "creates it"
+        )
+    if {"usage_retention", "usage_rollup_archive", "usage_prices"} - relations:
+        raise StateError(
+            f"{config.db_path(db_flag)} was made by an older session-pipeline: one "
+            "`session-pipeline run usage` brings its usage tables up to date"
         )
 
 
