@@ -354,7 +354,16 @@ def cmd_forget(args: argparse.Namespace) -> int:
     with connect(_existing_db(args.db)) as con:
         migrate(con)
         for processor in processors:
-            gone = store.forget_missing(con, processor, [args.session] if args.session else None)
+            from flows import request_copies
+
+            gone = store.forget_missing(
+                con,
+                processor,
+                [args.session] if args.session else None,
+                (request_copies.note_before, request_copies.refresh_after)
+                if processor.name == "usage"
+                else None,
+            )
             print(f"{processor.name}: forgot {len(gone)} missing session(s)")
             for key in gone[:20]:
                 print(f"  {key}")

@@ -23,6 +23,7 @@ from typing import Any
 
 import duckdb
 
+from flows import request_copies
 from flows.progress import Progress, Sink
 from flows.retention import apply_retention, retention_days
 from flows.summary import RUN_TOTALS
@@ -362,7 +363,13 @@ class Committer:
         """Apply the pending outcomes in the caller's transaction and count them."""
         outcomes, self.pending, self.rows = self.pending, [], 0
         if outcomes:
+            written = [o.key for o in outcomes if o.status == "processed"]
+            copies = self.processor.name == "usage" and bool(written)
+            if copies:
+                request_copies.note_before(con, written)
             quarantined = store.apply_batch(con, self.processor, outcomes, self.max_attempts)
+            if copies:
+                request_copies.refresh_after(con, written)
             self.tally.add(outcomes, quarantined, self.max_attempts)
 
 

@@ -166,7 +166,9 @@ def _need_usage(con: duckdb.DuckDBPyConnection, db_flag: str | None) -> None:
             f"no usage data in {config.db_path(db_flag)} yet: `session-pipeline run usage` "
             "creates it"
         )
-    if {"usage_retention", "usage_rollup_archive", "usage_prices"} - relations:
+    if {"usage_retention", "usage_rollup_archive", "usage_prices", "usage_request_copies"} - (
+        relations
+    ):
         raise StateError(
             f"{config.db_path(db_flag)} was made by an older session-pipeline: one "
             "`session-pipeline run usage` brings its usage tables up to date"

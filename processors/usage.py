@@ -29,7 +29,7 @@ from processors.base import ColumnRows, Increment, ProcessResult, Table, WholeRe
 from processors.pricing import PRICE_OVERRIDES_DDL, PRICES_VIEW, cost_sql, price_model
 from processors.session import Session
 from processors.transcript import tag_text
-from processors.usage_reports import REPORT_VIEWS
+from processors.usage_reports import COPIES_DDL, REPORT_VIEWS
 
 SYNTHETIC_MODEL = "<synthetic>"
 IDLE_GAP_SECONDS = 300.0
@@ -174,20 +174,15 @@ LEFT JOIN (
 
 # Resumed sessions copy earlier lines into a new file, so one request can sit in two files.
 # Plain window-function SQL (no QUALIFY / EXCLUDE) so it also runs on PostgreSQL.
+# (The copies not kept are listed as rows are written, in usage_request_copies: the first by
+# stop_reason, then output tokens, then file; see flows/request_copies.py.)
 USAGE_REQUESTS_UNIQUE_VIEW = f"""CREATE OR REPLACE VIEW usage_requests_unique AS
-SELECT {_REQUEST_COLUMNS}
-FROM (
-    SELECT {_REQUEST_COLUMNS},
-        row_number() OVER (
-            PARTITION BY message_id, request_id
-            ORDER BY
-                CASE WHEN stop_reason IS NULL THEN 1 ELSE 0 END,
-                output_tokens DESC NULLS LAST,
-                session_file
-        ) AS copy_rank
-    FROM usage_requests
-) ranked
-WHERE copy_rank = 1"""
+SELECT {", ".join(f"r.{c}" for c in _PRICED_REQUEST_COLUMNS)}
+FROM usage_requests r
+ANTI JOIN usage_request_copies losing
+ON r.session_file = losing.session_file
+    AND r.message_id IS NOT DISTINCT FROM losing.message_id
+    AND r.request_id IS NOT DISTINCT FROM losing.request_id"""
 
 
 # --- the lines, as usage reads them -----------------------------------------------------------
@@ -1157,6 +1152,7 @@ class UsageProcessor:
         PRICE_OVERRIDES_DDL,
         PRICES_VIEW,
         USAGE_REQUESTS_VIEW,
+        COPIES_DDL,
         USAGE_REQUESTS_UNIQUE_VIEW,
         USAGE_SESSIONS_VIEW,
         *REPORT_VIEWS,

@@ -74,22 +74,35 @@ _COPY_ORDER = (
     "CASE WHEN stop_reason IS NULL THEN 1 ELSE 0 END, output_tokens DESC NULLS LAST, session_file"
 )
 
+# The copies of a request that are not kept, among the requests whose (message_id, request_id)
+# `{keys}` selects: ranked by _COPY_ORDER, all but the first.
+_LOSING_COPIES = f"""SELECT session_file, message_id, request_id FROM (
+    SELECT session_file, message_id, request_id,
+        row_number() OVER (PARTITION BY message_id, request_id ORDER BY {_COPY_ORDER})
+            AS copy_rank
+    FROM usage_requests_raw r
+    WHERE {{keys}}
+) WHERE copy_rank > 1"""
+
+# `usage_request_copies`: the copies not kept, kept up to date by each usage commit for the
+# requests of the sessions it writes (flows/request_copies.py). Filled from every request the
+# first time (a state from before it; only keys with several rows are ranked).
+COPIES_DDL = "CREATE TABLE IF NOT EXISTS usage_request_copies AS " + _LOSING_COPIES.format(
+    keys="hash(message_id, request_id) IN (SELECT hash(message_id, request_id) "
+    "FROM usage_requests_raw GROUP BY 1 HAVING count(*) > 1)"
+)
+# The same for the keys in the temporary table `{touched}` (a commit's): `{{touched}}` filled in
+# by flows/request_copies.py.
+COPIES_OF_TOUCHED = _LOSING_COPIES.format(
+    keys="EXISTS (SELECT 1 FROM {touched} t WHERE r.message_id IS NOT DISTINCT FROM t.message_id "
+    "AND r.request_id IS NOT DISTINCT FROM t.request_id)"
+)
+
 # The rows of usage_requests_unique (priced, every column of usage_requests) not older than the
 # retention cutoff.
 UNIQUE_REQUESTS = f"""(
     SELECT r.* FROM usage_requests r
-    ANTI JOIN (
-        SELECT session_file, message_id, request_id FROM (
-            SELECT session_file, message_id, request_id,
-                row_number() OVER (PARTITION BY message_id, request_id ORDER BY {_COPY_ORDER})
-                    AS copy_rank
-            FROM usage_requests_raw
-            WHERE hash(message_id, request_id) IN (
-                SELECT h FROM (SELECT hash(message_id, request_id) AS h FROM usage_requests_raw)
-                GROUP BY h HAVING count(*) > 1
-            )
-        ) WHERE copy_rank > 1
-    ) losing
+    ANTI JOIN usage_request_copies losing
     ON r.session_file = losing.session_file
         AND r.message_id IS NOT DISTINCT FROM losing.message_id
         AND r.request_id IS NOT DISTINCT FROM losing.request_id

@@ -11,7 +11,7 @@ import math
 import os
 import socket
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -82,6 +82,9 @@ def load_settled(
     )
 
 
+SessionsHook = Callable[[duckdb.DuckDBPyConnection, Sequence[str]], None]
+
+
 def present_count(con: duckdb.DuckDBPyConnection, processor_name: str) -> int:
     """How many sessions of this processor the state knows and has not seen go missing."""
     row = con.execute(
@@ -108,10 +111,14 @@ def mark_missing(
 
 
 def forget_missing(
-    con: duckdb.DuckDBPyConnection, processor: Processor, keys: Sequence[str] | None = None
+    con: duckdb.DuckDBPyConnection,
+    processor: Processor,
+    keys: Sequence[str] | None = None,
+    around: tuple[SessionsHook, SessionsHook] | None = None,
 ) -> list[str]:
     """Delete the output rows, checkpoints and state rows of this processor's missing
-    sessions (all of them, or those of `keys`), on purpose; return their keys."""
+    sessions (all of them, or those of `keys`), on purpose; return their keys. `around`:
+    called with the sessions before and after the rows go, in the same transaction."""
     with transaction(con):
         found = [
             key
@@ -130,6 +137,8 @@ def forget_missing(
                     "WHERE table_catalog = current_database()"
                 ).fetchall()
             }
+            if around is not None:
+                around[0](con, found)
             for table in processor.tables:
                 if table.name not in existing:
                     continue
@@ -137,6 +146,8 @@ def forget_missing(
                     f"DELETE FROM {table.name} WHERE session_file IN (SELECT UNNEST($1))",
                     [found],
                 )
+            if around is not None:
+                around[1](con, found)
             for table in ("session_checkpoints", "session_processor_state"):
                 con.execute(
                     f"DELETE FROM {table} WHERE processor_name = $1 "

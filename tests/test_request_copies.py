@@ -1,0 +1,109 @@
+"""The copies of requests that resumed sessions make are found as rows are written: whatever
+sessions come, change, grow or go, `usage_requests_unique` keeps exactly the copy a ranking of
+every request would keep."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flows.pipeline import run_direct
+from processors.usage import UsageProcessor
+from state.db import connect
+from state.store import forget_missing
+from tests.transcripts import Transcript, text, usage
+
+# The reference: rank every request's copies (the view's rule before this table existed).
+RANKED = """SELECT session_file, message_id, request_id FROM (
+    SELECT session_file, message_id, request_id, row_number() OVER (
+        PARTITION BY message_id, request_id ORDER BY
+        CASE WHEN stop_reason IS NULL THEN 1 ELSE 0 END, output_tokens DESC NULLS LAST,
+        session_file) AS copy_rank
+    FROM usage_requests) WHERE copy_rank = 1 ORDER BY ALL"""
+UNIQUE = "SELECT session_file, message_id, request_id FROM usage_requests_unique ORDER BY ALL"
+
+# A pool of requests the sessions draw from: a request in two sessions is a resumed copy.
+POOL = [(f"msg_{n:03d}", f"req_{n:03d}" if n % 5 else None) for n in range(12)]
+
+
+def _write(path: Path, picks: list[tuple[int, int, bool]]) -> None:
+    t = Transcript(path.stem)
+    for n, output, complete in picks:
+        message_id, request_id = POOL[n]
+        t.user(f"ask {n}")
+        t.response(  # an incomplete copy (no stop_reason) ranks after a complete one
+            [text("a"), text("b")],
+            message_id=message_id,
+            request_id=request_id,
+            final_usage=usage(output_tokens=output),
+            stop_reason="end_turn" if complete else None,  # type: ignore[arg-type]
+        )
+    t.write(path)
+
+
+def _unique_is_exact(db: Path) -> None:
+    with connect(db, read_only=True) as con:
+        assert con.execute(UNIQUE).fetchall() == con.execute(RANKED).fetchall()
+
+
+session_contents = st.lists(
+    st.tuples(st.integers(0, len(POOL) - 1), st.integers(1, 400), st.booleans()),
+    min_size=1,
+    max_size=6,
+    unique_by=lambda pick: pick[0],
+)
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    first=st.lists(session_contents, min_size=2, max_size=5),
+    second=st.lists(st.one_of(st.none(), session_contents), min_size=2, max_size=5),
+)
+def test_unique_requests_follow_every_change(
+    tmp_path_factory: object, first: list, second: list
+) -> None:
+    root = tmp_path_factory.mktemp("copies")  # type: ignore[attr-defined]
+    data_dir, db = root / "sessions", root / "state.duckdb"
+    paths = [data_dir / f"u{i % 2}" / f"s{i}.jsonl" for i in range(len(first))]
+    for path, picks in zip(paths, first, strict=True):
+        _write(path, picks)
+    run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
+    _unique_is_exact(db)
+    # sessions rewritten, grown or deleted, then the deleted ones forgotten
+    for path, picks in zip(paths, second, strict=False):
+        if picks is None:
+            path.unlink(missing_ok=True)
+        else:
+            _write(path, picks)
+    run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
+    _unique_is_exact(db)
+    from flows import request_copies
+
+    with connect(db) as con:
+        forget_missing(
+            con,
+            UsageProcessor(),
+            around=(request_copies.note_before, request_copies.refresh_after),
+        )
+    _unique_is_exact(db)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_state_from_before_fills_the_table_from_every_request(tmp_path: Path) -> None:
+    data_dir, db = tmp_path / "sessions", tmp_path / "state.duckdb"
+    _write(data_dir / "u/a.jsonl", [(1, 10, True), (2, 20, True)])
+    _write(data_dir / "u/b.jsonl", [(1, 30, True), (3, 5, True)])
+    run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
+    with connect(db) as con:
+        con.execute("DROP TABLE usage_request_copies")  # as a state made before it
+    run_direct(UsageProcessor(), data_dir, db, max_attempts=3)  # nothing to read: views made
+    _unique_is_exact(db)
+    with connect(db, read_only=True) as con:
+        assert con.execute("SELECT * FROM usage_request_copies").fetchall() == [
+            ("u/a.jsonl", "msg_001", "req_001")
+        ]
