@@ -360,9 +360,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 con,
                 processor,
                 [args.session] if args.session else None,
-                (request_copies.note_before, request_copies.refresh_after)
-                if processor.name == "usage"
-                else None,
+                request_copies.forget_hooks() if processor.name == "usage" else None,
             )
             print(f"{processor.name}: forgot {len(gone)} missing session(s)")
             for key in gone[:20]:

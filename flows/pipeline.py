@@ -363,13 +363,15 @@ class Committer:
         """Apply the pending outcomes in the caller's transaction and count them."""
         outcomes, self.pending, self.rows = self.pending, [], 0
         if outcomes:
-            written = [o.key for o in outcomes if o.status == "processed"]
-            copies = self.processor.name == "usage" and bool(written)
+            copies = self.processor.name == "usage"
             if copies:
-                request_copies.note_before(con, written)
+                whole, keys = request_copies.touched(outcomes)
+                copies = bool(whole or keys[0])
+            if copies:
+                request_copies.note_before(con, whole, keys)
             quarantined = store.apply_batch(con, self.processor, outcomes, self.max_attempts)
             if copies:
-                request_copies.refresh_after(con, written)
+                request_copies.refresh_after(con, whole)
             self.tally.add(outcomes, quarantined, self.max_attempts)
 
 

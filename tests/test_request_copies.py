@@ -29,8 +29,7 @@ UNIQUE = "SELECT session_file, message_id, request_id FROM usage_requests_unique
 POOL = [(f"msg_{n:03d}", f"req_{n:03d}" if n % 5 else None) for n in range(12)]
 
 
-def _write(path: Path, picks: list[tuple[int, int, bool]]) -> None:
-    t = Transcript(path.stem)
+def _add(t: Transcript, picks: list[tuple[int, int, bool]]) -> Transcript:
     for n, output, complete in picks:
         message_id, request_id = POOL[n]
         t.user(f"ask {n}")
@@ -41,7 +40,13 @@ def _write(path: Path, picks: list[tuple[int, int, bool]]) -> None:
             final_usage=usage(output_tokens=output),
             stop_reason="end_turn" if complete else None,  # type: ignore[arg-type]
         )
+    return t
+
+
+def _write(path: Path, picks: list[tuple[int, int, bool]]) -> Transcript:
+    t = _add(Transcript(path.stem), picks)
     t.write(path)
+    return t
 
 
 def _unique_is_exact(db: Path) -> None:
@@ -58,38 +63,40 @@ session_contents = st.lists(
 
 
 @settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     first=st.lists(session_contents, min_size=2, max_size=5),
-    second=st.lists(st.one_of(st.none(), session_contents), min_size=2, max_size=5),
+    second=st.lists(
+        st.one_of(st.none(), session_contents, st.tuples(st.just("grow"), session_contents)),
+        min_size=2,
+        max_size=5,
+    ),
 )
 def test_unique_requests_follow_every_change(
     tmp_path_factory: object, first: list, second: list
 ) -> None:
+    """Sessions written, then rewritten, grown (read as increments) or deleted, then the
+    deleted ones forgotten: after each step the kept copies are exactly a full ranking's."""
+    from flows import request_copies
+
     root = tmp_path_factory.mktemp("copies")  # type: ignore[attr-defined]
     data_dir, db = root / "sessions", root / "state.duckdb"
     paths = [data_dir / f"u{i % 2}" / f"s{i}.jsonl" for i in range(len(first))]
-    for path, picks in zip(paths, first, strict=True):
-        _write(path, picks)
+    transcripts = [_write(path, picks) for path, picks in zip(paths, first, strict=True)]
     run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
     _unique_is_exact(db)
-    # sessions rewritten, grown or deleted, then the deleted ones forgotten
-    for path, picks in zip(paths, second, strict=False):
-        if picks is None:
+    for path, t, change in zip(paths, transcripts, second, strict=False):
+        if change is None:
             path.unlink(missing_ok=True)
+        elif change[0] == "grow":
+            _add(t, change[1]).write(path)  # the same lines and more: an append
         else:
-            _write(path, picks)
+            _write(path, change)
     run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
     _unique_is_exact(db)
-    from flows import request_copies
-
     with connect(db) as con:
-        forget_missing(
-            con,
-            UsageProcessor(),
-            around=(request_copies.note_before, request_copies.refresh_after),
-        )
+        forget_missing(con, UsageProcessor(), around=request_copies.forget_hooks())
     _unique_is_exact(db)
     shutil.rmtree(root, ignore_errors=True)
 
