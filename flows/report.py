@@ -403,10 +403,67 @@ def _period_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> 
     )
 
 
+# The JSON of `report sessions`, made by DuckDB: a state of 100k sessions made and printed its
+# records in Python in about as long as the query took.
+_TOKEN_JSON = (
+    ("inputTokens", "input_tokens::BIGINT"),
+    ("outputTokens", "output_tokens::BIGINT"),
+    ("cacheCreationTokens", "cache_creation_input_tokens::BIGINT"),
+    ("cacheReadTokens", "cache_read_input_tokens::BIGINT"),
+    ("totalTokens", "total_tokens::BIGINT"),
+    ("totalCost", "coalesce(cost_usd, 0)::DOUBLE"),
+    ("unpricedRequests", "unpriced_requests::BIGINT"),
+)
+_SESSION_JSON = (
+    ("sessionId", "session"),
+    ("username", "username"),
+    ("firstActivity", "first_request_at"),
+    ("lastActivity", "last_request_at"),
+    ("modelsUsed", "coalesce(models, []::VARCHAR[])"),
+    ("requests", "requests::BIGINT"),
+    *_TOKEN_JSON,
+)
+_SESSION_TOTALS_JSON = (
+    ("sessions", "count(*)"),
+    ("requests", "sum(requests)::BIGINT"),
+    *((name, f"sum({expr.split('::')[0]})::{expr.split('::')[1]}") for name, expr in _TOKEN_JSON),
+)
+
+
+def _struct(fields: Sequence[tuple[str, str]]) -> str:
+    return "{" + ", ".join(f"'{name}': {expr}" for name, expr in fields) + "}"
+
+
+def _sessions_json(con: duckdb.DuckDBPyConnection, query: str, params: Sequence[Any]) -> bytes:
+    """`report sessions --json`: the same document as the records below, made in SQL."""
+    try:
+        rows = con.execute(
+            f"""WITH s AS MATERIALIZED ({query})
+            SELECT 0 AS part, last_request_at, session, to_json({_struct(_SESSION_JSON)}) FROM s
+            UNION ALL
+            SELECT 1, NULL, NULL, to_json({_struct(_SESSION_TOTALS_JSON)}) FROM s
+            HAVING count(*) > 0
+            ORDER BY part, last_request_at, session""",
+            list(params),
+        ).fetchall()
+    except duckdb.Error as error:
+        raise StateError(str(error).splitlines()[0]) from None
+    records = [row[3] for row in rows if row[0] == 0]
+    totals = [row[3] for row in rows if row[0] == 1]
+    text = '{"sessions": [\n' + ",\n".join(records) + "\n]"
+    if totals:
+        text += ', "totals": ' + totals[0]
+    return (text + "}\n").encode()
+
+
 def _sessions_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> None:
     zone_name, zone = _zone(args.timezone)
     where, params = _filters(args, zone)
-    sessions = _dicts(con, sql.report_sessions_sql(zone_name, where), params)
+    query = sql.report_sessions_sql(zone_name, where)
+    if args.json:
+        sys.stdout.buffer.write(_sessions_json(con, query, params))
+        return
+    sessions = _dicts(con, query, params)
     records = [
         {
             "sessionId": s["session"],
@@ -491,30 +548,35 @@ def _blocks_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> 
         for b in blocks
     ]
     sums = _sums(blocks)
-    table = [
-        [
-            b["username"],
-            _when(b["block_start"], zone),
-            _when(b["last_request_at"], zone),
-            "active" if b["is_active"] else "",
-            _int(b["requests"]),
-            *_token_cells(b),
-        ]
-        for b in blocks
-    ]
     totals = None
     if blocks:
         totals = {"blocks": len(blocks), "requests": sums["requests"], **_token_record(sums)}
-        table.append(
+
+    def table() -> list[list[str]]:  # (made only for the terminal: 0.2 s on 33k blocks)
+        rows = [
             [
-                "Total",
-                f"{len(blocks):,} blocks",
-                "",
-                "",
-                _int(sums["requests"]),
-                *_token_cells(sums),
+                b["username"],
+                _when(b["block_start"], zone),
+                _when(b["last_request_at"], zone),
+                "active" if b["is_active"] else "",
+                _int(b["requests"]),
+                *_token_cells(b),
             ]
-        )
+            for b in blocks
+        ]
+        if blocks:
+            rows.append(
+                [
+                    "Total",
+                    f"{len(blocks):,} blocks",
+                    "",
+                    "",
+                    _int(sums["requests"]),
+                    *_token_cells(sums),
+                ]
+            )
+        return rows
+
     _emit(
         args,
         key="blocks",

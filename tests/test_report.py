@@ -472,3 +472,46 @@ def test_daily_totals_equal_ccusage(tmp_path: Path, capsys: pytest.CaptureFixtur
             ]
             assert [mine[k] for k in tokens] == [other[k] for k in tokens]
             assert mine["cost"] == pytest.approx(other["cost"], abs=1e-9)
+
+
+@pytest.mark.parametrize("filters", [(), ("--user", "bob"), ("--user", "nobody")])
+def test_sessions_json_made_in_sql_is_the_records_python_makes(
+    sample_db: Path, capsys: pytest.CaptureFixture[str], filters: tuple[str, ...]
+) -> None:
+    """`report sessions --json` is built by DuckDB (fast on 100k sessions): the same records
+    and totals the table and CSV are made from."""
+    from flows import report as report_module
+    from processors import usage_reports as sql
+
+    document = json.loads(
+        report(sample_db, "report", "sessions", "--json", *filters, capsys=capsys)
+    )
+    with connect(sample_db, read_only=True) as con:
+        where = "username = ?" if filters and filters[0] == "--user" else ""
+        params = [filters[1]] if where else []
+        rows = report_module._dicts(con, sql.report_sessions_sql("UTC", where), params)
+    expected = [
+        {
+            "sessionId": s["session"],
+            "username": s["username"],
+            "firstActivity": s["first_request_at"],
+            "lastActivity": s["last_request_at"],
+            "modelsUsed": s["models"] or [],
+            "requests": int(s["requests"]),
+            **report_module._token_record(s),
+        }
+        for s in rows
+    ]
+    assert document["sessions"] == [
+        {**e, "totalCost": pytest.approx(e["totalCost"], rel=1e-12)} for e in expected
+    ]
+    if expected:
+        total = report_module._sums(rows)
+        assert document["totals"] == {
+            "sessions": len(rows),
+            "requests": total["requests"],
+            **report_module._token_record(total),
+            "totalCost": pytest.approx(total["cost_usd"], rel=1e-12),
+        }
+    else:
+        assert "totals" not in document
