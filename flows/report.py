@@ -434,26 +434,49 @@ def _struct(fields: Sequence[tuple[str, str]]) -> str:
     return "{" + ", ".join(f"'{name}': {expr}" for name, expr in fields) + "}"
 
 
-def _sessions_json(con: duckdb.DuckDBPyConnection, query: str, params: Sequence[Any]) -> bytes:
-    """`report sessions --json`: the same document as the records below, made in SQL."""
+def _json_document(
+    con: duckdb.DuckDBPyConnection,
+    key: str,
+    query: str,
+    params: Sequence[Any],
+    fields: Sequence[tuple[str, str]],
+    totals: Sequence[tuple[str, str]],
+    order: str,
+) -> bytes:
+    """`{key: [records], "totals": {…}}` made by DuckDB from the rows of `query` (the totals
+    left out when there are none), in `order` (columns of `query`)."""
     try:
         rows = con.execute(
             f"""WITH s AS MATERIALIZED ({query})
-            SELECT 0 AS part, last_request_at, session, to_json({_struct(_SESSION_JSON)}) FROM s
-            UNION ALL
-            SELECT 1, NULL, NULL, to_json({_struct(_SESSION_TOTALS_JSON)}) FROM s
-            HAVING count(*) > 0
-            ORDER BY part, last_request_at, session""",
+            SELECT * FROM (
+                SELECT 0 AS part, to_json({_struct(fields)}) AS doc, {order} FROM s
+                UNION ALL
+                SELECT 1, to_json({_struct(totals)}), {", ".join("NULL" for _ in order.split(","))}
+                FROM s HAVING count(*) > 0
+            ) ORDER BY part, {order}""",
             list(params),
         ).fetchall()
     except duckdb.Error as error:
         raise StateError(str(error).splitlines()[0]) from None
-    records = [row[3] for row in rows if row[0] == 0]
-    totals = [row[3] for row in rows if row[0] == 1]
-    text = '{"sessions": [\n' + ",\n".join(records) + "\n]"
-    if totals:
-        text += ', "totals": ' + totals[0]
+    records = [row[1] for row in rows if row[0] == 0]
+    summed = [row[1] for row in rows if row[0] == 1]
+    text = f'{{"{key}": [\n' + ",\n".join(records) + "\n]"
+    if summed:
+        text += ', "totals": ' + summed[0]
     return (text + "}\n").encode()
+
+
+_UTC_ISO = "'%Y-%m-%dT%H:%M:%S.%gZ'"
+_BLOCK_JSON = (
+    ("username", "username"),
+    ("startTime", f"strftime(timezone('UTC', block_start), {_UTC_ISO})"),
+    ("endTime", f"strftime(timezone('UTC', block_end), {_UTC_ISO})"),
+    ("actualEndTime", f"strftime(timezone('UTC', last_request_at), {_UTC_ISO})"),
+    ("isActive", "coalesce(is_active, false)"),
+    ("requests", "requests::BIGINT"),
+    *_TOKEN_JSON,
+)
+_BLOCK_TOTALS_JSON = (("blocks", "count(*)"), *_SESSION_TOTALS_JSON[1:])
 
 
 def _sessions_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> None:
@@ -461,7 +484,16 @@ def _sessions_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -
     where, params = _filters(args, zone)
     query = sql.report_sessions_sql(zone_name, where)
     if args.json:
-        sys.stdout.buffer.write(_sessions_json(con, query, params))
+        document = _json_document(
+            con,
+            "sessions",
+            query,
+            params,
+            _SESSION_JSON,
+            _SESSION_TOTALS_JSON,
+            "last_request_at, session",
+        )
+        sys.stdout.buffer.write(document)
         return
     sessions = _dicts(con, query, params)
     records = [
@@ -533,6 +565,18 @@ def _blocks_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> 
     text = f"SELECT * FROM ({sql.blocks_sql(where)}) blocks"
     if outer:
         text += " WHERE " + " AND ".join(outer)
+    if args.json:  # made by DuckDB, times in UTC (ISO 8601, `Z`)
+        document = _json_document(
+            con,
+            "blocks",
+            text,
+            [*params, *outer_params],
+            _BLOCK_JSON,
+            _BLOCK_TOTALS_JSON,
+            "block_start, username",
+        )
+        sys.stdout.buffer.write(document)
+        return
     text += " ORDER BY block_start, username"
     blocks = _dicts(con, text, [*params, *outer_params])
     records = [

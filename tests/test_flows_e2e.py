@@ -158,6 +158,32 @@ def test_a_big_backlog_is_batched(
     ]
 
 
+def test_a_long_run_shows_its_progress_in_the_ui(
+    prefect_api: str, linecount: Any, monkeypatch: pytest.MonkeyPatch, data_dir: Path, db: Path
+) -> None:
+    """A run of more than 5 s publishes a progress artifact, at 100% when it ends."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    monkeypatch.setenv("SP_TEST_SLEEP", "0.3")
+    for i in range(30):  # ~9 s of reading: a progress report after 5 s, and the last at the end
+        write_session(data_dir, f"u{i % 3}/s{i}.jsonl", [user_line(str(i))])
+    assert run("linecount", data_dir, db)["processed"] == 30
+    (flow_run_id,) = _rows(db, "SELECT flow_run_id FROM processor_runs")[0]
+    with get_client(sync_client=True) as client:
+        (progress,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["linecount-run-progress"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+        )
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    assert "30/30 sessions" in (progress.description or "")
+
+
 def test_a_second_run_of_the_same_processor_is_refused(
     prefect_api: str, monkeypatch: pytest.MonkeyPatch, data_dir: Path, db: Path
 ) -> None:

@@ -515,3 +515,46 @@ def test_sessions_json_made_in_sql_is_the_records_python_makes(
         }
     else:
         assert "totals" not in document
+
+
+@pytest.mark.parametrize("filters", [(), ("--user", "carol"), ("--since", "2026-11-10")])
+def test_blocks_json_made_in_sql_is_the_records_python_makes(
+    sample_db: Path, capsys: pytest.CaptureFixture[str], filters: tuple[str, ...]
+) -> None:
+    """`report blocks --json` is built by DuckDB, its times in UTC: the same blocks, figures
+    and totals as the CSV (made in Python from the same query)."""
+    import csv
+    import io
+
+    document = json.loads(
+        report(
+            sample_db, "report", "blocks", "--json", "--timezone", "UTC", *filters, capsys=capsys
+        )
+    )
+    table = list(
+        csv.DictReader(
+            io.StringIO(
+                report(
+                    sample_db,
+                    "report",
+                    "blocks",
+                    "--csv",
+                    "--timezone",
+                    "UTC",
+                    *filters,
+                    capsys=capsys,
+                )
+            )
+        )
+    )
+    assert len(document["blocks"]) == len(table) > 0
+    for got, want in zip(document["blocks"], table, strict=True):
+        for name in ("startTime", "endTime", "actualEndTime"):
+            assert datetime.fromisoformat(got[name]) == datetime.fromisoformat(want[name])
+        assert got["username"] == want["username"]
+        assert got["isActive"] == (want["isActive"] == "True")
+        for name in ("requests", "inputTokens", "outputTokens", "cacheReadTokens", "totalTokens"):
+            assert got[name] == int(want[name])
+        assert got["totalCost"] == pytest.approx(float(want["totalCost"]), rel=1e-12)
+    assert document["totals"]["blocks"] == len(table)
+    assert document["totals"]["requests"] == sum(int(b["requests"]) for b in table)
