@@ -210,11 +210,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     else:
+        with connect(db) as con:  # fails fast, before Prefect is imported, on a bad or busy db
+            migrate(con)
         from flows.processor_flow import run
 
         os.environ["PREFECT_API_URL"] = api_url  # (found from a local `serve`, perhaps)
-        with connect(db) as con:  # fails fast, before Prefect starts, on a bad --db
-            migrate(con)
         for name in names:
             results.append(
                 run(
