@@ -164,11 +164,8 @@ def state(sessions: int) -> Path:
 
 
 def command() -> list[str]:
-    """`session-pipeline`, once it has the report command; until then the same code run
-    alone (`python -m flows.report`, which imports flows.cli as the command line does)."""
-    exe = str(Path(sys.executable).with_name("session-pipeline"))
-    known = subprocess.run([exe, "report", "--help"], capture_output=True).returncode == 0
-    return [exe] if known else [sys.executable, "-m", "flows.report"]
+    """`session-pipeline`, as a user runs it."""
+    return [str(Path(sys.executable).with_name("session-pipeline"))]
 
 
 def timed(argv: list[str]) -> float:

@@ -402,18 +402,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m flows.ask ask …`: the command alone, as flows/cli.py runs it."""
-    from flows.cli import EXIT_ERROR, _Parser
+    """`python -m flows.ask …`: the command line (flows/cli.py), which has this command."""
+    from flows.cli import main as command_line
 
-    parser = _Parser(prog="session-pipeline")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    functions = register(commands)
-    args = parser.parse_args(argv)
-    try:
-        return functions[args.command](args)
-    except (ConfigError, StateError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+    return command_line(argv)
 
 
 if __name__ == "__main__":
