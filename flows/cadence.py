@@ -208,13 +208,22 @@ def cron_rrule(expression: str) -> str:
     return "\n".join(lines)
 
 
-def interval_rrule(seconds: int) -> str:
-    """An RRULE firing every `seconds` from the fixed anchor (minutes or hours when exact,
-    which the Prefect UI shows more readably)."""
+def interval_rrule(seconds: int, now: datetime | None = None) -> str:
+    """An RRULE firing every `seconds` on the grid counted from the fixed anchor (minutes or
+    hours when exact, which the Prefect UI shows more readably).
+
+    Its DTSTART is the last time on that grid before `now`, not the anchor itself: the same
+    times, but Prefect (dateutil) walks every occurrence from DTSTART each time it computes
+    the next runs, and from the anchor that was 2.9 million steps for a 10 s cadence in
+    December 2026 (18 s of server CPU on every scheduler pass, measured), 48k (0.4 s) for 600 s.
+    """
     if seconds % 3600 == 0:
         freq, count = "HOURLY", seconds // 3600
     elif seconds % 60 == 0:
         freq, count = "MINUTELY", seconds // 60
     else:
         freq, count = "SECONDLY", seconds
-    return f"DTSTART:{ANCHOR:%Y%m%dT%H%M%SZ}\nRRULE:FREQ={freq};INTERVAL={count}"
+    elapsed = (now or datetime.now(UTC)) - ANCHOR
+    steps = max(int(elapsed.total_seconds()) // seconds, 0)
+    start = ANCHOR + timedelta(seconds=steps * seconds)
+    return f"DTSTART:{start:%Y%m%dT%H%M%SZ}\nRRULE:FREQ={freq};INTERVAL={count}"

@@ -154,3 +154,24 @@ def test_the_cap_counts_sessions_read_not_candidates(
     figures = run_direct(proc, data_dir, db, max_attempts=3)
     assert (figures.processed, figures.deferred) == (2, 1)
     assert proc.seen[2:] == ["bob/new2.jsonl", "bob/new3.jsonl"]
+
+
+@pytest.mark.parametrize("seconds", [7, 10, 90, 600, 900, 3600, 7200])
+def test_an_interval_rrule_fires_on_the_anchored_grid_and_is_cheap_to_compute(
+    seconds: int,
+) -> None:
+    """The RRULE starts at the last grid time before now (not the anchor), so the times are
+    the anchored ones while Prefect's walk from DTSTART to the next run stays short: from the
+    anchor, a 10 s cadence cost 18 s of CPU per scheduler pass by December 2026."""
+    import time
+    from datetime import timedelta
+
+    from flows.cadence import ANCHOR, interval_rrule
+
+    started = time.process_time()
+    schedule = RRuleSchedule(rrule=interval_rrule(seconds), timezone="UTC").to_rrule()
+    now = datetime.now(UTC)
+    ours = [t.astimezone(UTC) for t in islice(schedule.xafter(now), 5)]
+    assert time.process_time() - started < 1.0
+    first = ANCHOR + timedelta(seconds=-(-(now - ANCHOR).total_seconds() // seconds) * seconds)
+    assert ours == [first + timedelta(seconds=i * seconds) for i in range(5)]
