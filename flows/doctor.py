@@ -159,14 +159,16 @@ def _read_ledger(db: Path, flow_run_ids: Iterable[str]) -> list[LedgerRow]:
             row[0]
             for row in con.execute(
                 "SELECT column_name FROM information_schema.columns "
-                "WHERE table_catalog = current_database() AND table_name = 'processor_runs'"
+                "WHERE table_catalog = current_database() AND table_schema = current_schema() "
+                "AND table_name = 'processor_runs'"
             ).fetchall()
         }
         if not {"status", "host", "pid"} <= columns:
             return []  # not migrated yet: no run has written a ledger row
         rows = con.execute(
             "SELECT run_id, processor_name, flow_run_id, status, host, pid, started_at "
-            "FROM processor_runs WHERE status = 'running' OR flow_run_id IN (SELECT UNNEST($1))",
+            "FROM processor_runs WHERE status = 'running' "
+            "OR flow_run_id IN (SELECT UNNEST($1::VARCHAR[]))",
             [list(flow_run_ids)],
         ).fetchall()
     return [LedgerRow(*row) for row in rows]
@@ -181,9 +183,10 @@ def close_ledger_rows(db: Path, run_ids: list[str], status: str = "crashed") -> 
     with connect(db) as con:
         rows = con.execute(
             "UPDATE processor_runs SET status = $3, finished_at = $1, "
-            "duration_seconds = epoch($1::TIMESTAMPTZ - started_at) "
-            "WHERE status = 'running' AND run_id IN (SELECT UNNEST($2)) RETURNING run_id",
-            [now, run_ids, status],
+            "duration_seconds = extract(epoch FROM $1::TIMESTAMPTZ - started_at) "
+            "WHERE status = 'running' AND run_id IN (SELECT UNNEST($2::VARCHAR[])) "
+            "RETURNING run_id",
+            [now, run_ids, str(status)],
         ).fetchall()
     return [r[0] for r in rows]
 

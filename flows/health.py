@@ -140,8 +140,9 @@ def health(entries: Sequence[Entry], data_dir: Path, db: Path) -> dict[str, Any]
         runs = {
             row[0]: (row[1], row[2])
             for row in con.execute(
-                "SELECT processor_name, max(finished_at), arg_max(errors, finished_at) "
-                "FROM processor_runs WHERE status = 'completed' GROUP BY 1"
+                "SELECT DISTINCT ON (processor_name) processor_name, finished_at, errors "
+                "FROM processor_runs WHERE status = 'completed' AND finished_at IS NOT NULL "
+                "ORDER BY processor_name, finished_at DESC"
             ).fetchall()
         }
     report = [

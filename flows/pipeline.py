@@ -31,8 +31,7 @@ from flows.work import ReadAllowance, process_batch
 from processors.base import Processor, is_append_safe
 from state import config, store
 from state.config import ConfigError
-from state.db import connect, transaction
-from state.hostlock import HostLock
+from state.db import connect, processor_lock, transaction
 from state.migrations import migrate
 from state.plan import Candidate, Plan, StoredState, plan
 from state.scan import scan, scan_changed
@@ -400,7 +399,7 @@ def begin(
     check_run_settings(max_attempts)
     check_data_dir(data_dir)
     closing = ExitStack()  # what the committer lets go of at the end: the lock last
-    closing.enter_context(HostLock(db, processor.name))
+    closing.enter_context(processor_lock(db, processor.name))
     held: duckdb.DuckDBPyConnection | None = None
     try:
         with ExitStack() as planning:

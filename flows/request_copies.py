@@ -13,38 +13,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import duckdb
-
 from processors.usage_reports import COPIES_OF_TOUCHED
+from state.db import Connection
 from state.store import Outcome
 
 _TOUCHED = "_usage_touched_keys"
 _REQUESTS = "usage_requests_raw"
 
 
-def _session_keys(con: duckdb.DuckDBPyConnection, sessions: Sequence[str]) -> None:
+def _session_keys(con: Connection, sessions: Sequence[str]) -> None:
     if sessions:
         con.execute(
             f"INSERT INTO {_TOUCHED} SELECT DISTINCT message_id, request_id FROM {_REQUESTS} "
-            "WHERE session_file IN (SELECT UNNEST($1))",
+            "WHERE session_file IN (SELECT UNNEST($1::VARCHAR[]))",
             [list(sessions)],
         )
 
 
 def note_before(
-    con: duckdb.DuckDBPyConnection,
+    con: Connection,
     whole: Sequence[str],
     keys: tuple[list[str | None], list[str | None]] = ([], []),
 ) -> None:
     """Before the change: the keys of the sessions written whole (or deleted) as they are
     now, and the (message ids, request ids) increments write."""
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {_TOUCHED} (message_id VARCHAR, request_id VARCHAR)")
+    con.execute(f"DROP TABLE IF EXISTS {_TOUCHED}")
+    con.execute(f"CREATE TEMP TABLE {_TOUCHED} (message_id VARCHAR, request_id VARCHAR)")
     _session_keys(con, whole)
     if keys[0]:
-        con.execute(f"INSERT INTO {_TOUCHED} SELECT UNNEST($1), UNNEST($2)", list(keys))
+        con.execute(f"INSERT INTO {_TOUCHED} SELECT UNNEST($1::VARCHAR[]), UNNEST($2::VARCHAR[])",
+            list(keys),)
 
 
-def refresh_after(con: duckdb.DuckDBPyConnection, whole: Sequence[str]) -> None:
+def refresh_after(con: Connection, whole: Sequence[str]) -> None:
     """After the change: the keys the sessions written whole have now, then the copies not
     kept of every touched request listed again."""
     _session_keys(con, whole)

@@ -26,8 +26,7 @@ import duckdb
 from processors import usage_reports as sql
 from state import config
 from state.config import ConfigError
-from state.db import StateError, connect, transaction
-from state.hostlock import HostLock
+from state.db import StateError, connect, processor_lock, transaction
 
 ENV = "USAGE_EVENTS_RETENTION_DAYS"
 USAGE_TABLES = ("usage_requests_raw", "usage_events", "usage_rollup_archive", "usage_retention")
@@ -151,7 +150,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not db.exists():
         raise StateError(f"no state yet at {db}: nothing to prune")
     # One usage run at a time on this host: a prune is a run's last step taken alone.
-    with HostLock(db, "usage"), connect(db) as con:
+    with processor_lock(db, "usage"), connect(db) as con:
         tables = {
             name
             for (name,) in con.execute(

@@ -83,7 +83,7 @@ def usage_run_totals(con: duckdb.DuckDBPyConnection, sessions: list[str]) -> dic
         SELECT count(*), sum(input_tokens), sum(output_tokens),
                sum(cache_creation_input_tokens), sum(cache_read_input_tokens),
                sum(cost_usd), count(*) FILTER (WHERE cost_usd IS NULL)
-        FROM usage_requests WHERE session_file IN (SELECT UNNEST($1))
+        FROM usage_requests WHERE session_file IN (SELECT UNNEST($1::VARCHAR[]))
         """,
         [sessions],
     ).fetchone()

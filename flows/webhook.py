@@ -242,7 +242,7 @@ class Webhook:
         with connect(self.db) as con:
             migrate(con)
             con.execute(
-                "INSERT INTO trigger_audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO trigger_audit VALUES (?, ?, ?, ?, ?, ?, ?, ?::JSON, ?)",
                 [
                     datetime.now(UTC),
                     caller,

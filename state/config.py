@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 DEFAULT_DATA_DIR = "./data/user_sessions"
 DEFAULT_DB = "./data/state/pipeline.duckdb"
@@ -18,8 +19,12 @@ def data_dir(flag: str | os.PathLike[str] | None = None) -> Path:
     return Path(flag or os.environ.get("SESSION_DATA_DIR") or DEFAULT_DATA_DIR)
 
 
-def db_path(flag: str | os.PathLike[str] | None = None) -> Path:
-    return Path(flag or os.environ.get("SESSION_PIPELINE_DB") or DEFAULT_DB)
+def db_path(flag: str | os.PathLike[str] | None = None) -> Any:
+    """The state database: a DuckDB file's `Path`, or a `PostgresDatabase` for a
+    `postgresql://` URL (see `state.db`)."""
+    from state.db import location
+
+    return location(flag or os.environ.get("SESSION_PIPELINE_DB") or DEFAULT_DB)
 
 
 def positive_int(name: str, default: int) -> int:

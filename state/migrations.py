@@ -8,19 +8,23 @@ right thing.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
-import duckdb
+from state.db import Connection, backend, transaction
+from state.errors import StateError
 
-from state.db import transaction
-
-Migration = Callable[[duckdb.DuckDBPyConnection], None]
+Migration = Callable[[Connection], None]
 
 
-def _state_table(con: duckdb.DuckDBPyConnection) -> None:
+def _ddl(con: Connection, sql: str) -> None:
+    """A statement that names types, in the connection's own SQL."""
+    con.execute(backend(con).dialect(sql))
+
+
+def _state_table(con: Connection) -> None:
     # The old system's columns first, unchanged, so its existing table is adopted as is.
-    con.execute(
+    _ddl(
+        con,
         """
         CREATE TABLE IF NOT EXISTS session_processor_state (
             processor_name VARCHAR NOT NULL,
@@ -31,7 +35,7 @@ def _state_table(con: duckdb.DuckDBPyConnection) -> None:
             file_hash VARCHAR,
             PRIMARY KEY (processor_name, session_file)
         )
-        """
+        """,
     )
     for column, sql_type in (
         ("processor_version", "VARCHAR"),
@@ -44,12 +48,12 @@ def _state_table(con: duckdb.DuckDBPyConnection) -> None:
         ("last_attempt_at", "TIMESTAMPTZ"),
         ("status", "VARCHAR DEFAULT 'ok'"),
     ):
-        con.execute(
-            f"ALTER TABLE session_processor_state ADD COLUMN IF NOT EXISTS {column} {sql_type}"
+        _ddl(
+            con, f"ALTER TABLE session_processor_state ADD COLUMN IF NOT EXISTS {column} {sql_type}"
         )
 
 
-def _import_extraction_state(con: duckdb.DuckDBPyConnection) -> None:
+def _import_extraction_state(con: Connection) -> None:
     """The older `session_extraction_state` (verification only) becomes `verification` rows.
 
     Rows already present for `verification` win; the old table is dropped afterwards, so a
@@ -57,7 +61,8 @@ def _import_extraction_state(con: duckdb.DuckDBPyConnection) -> None:
     """
     found = con.execute(
         "SELECT count(*) FROM information_schema.tables "
-        "WHERE table_catalog = current_database() AND table_name = 'session_extraction_state'"
+        "WHERE table_catalog = current_database() AND table_schema = current_schema() "
+        "AND table_name = 'session_extraction_state'"
     ).fetchone()
     if not found or not found[0]:
         return
@@ -65,11 +70,12 @@ def _import_extraction_state(con: duckdb.DuckDBPyConnection) -> None:
         row[0]
         for row in con.execute(
             "SELECT column_name FROM information_schema.columns "
-            "WHERE table_catalog = current_database() AND table_name = 'session_extraction_state'"
+            "WHERE table_catalog = current_database() AND table_schema = current_schema() "
+            "AND table_name = 'session_extraction_state'"
         ).fetchall()
     }
     if "session_file" not in old_columns:
-        raise duckdb.Error("session_extraction_state has no session_file column; cannot import")
+        raise StateError("session_extraction_state has no session_file column; cannot import")
     wanted = ["username", "processed_at", "items_extracted", "file_hash"]
     present = [c for c in wanted if c in old_columns]
     username = "username" if "username" in old_columns else "split_part(session_file, '/', 1)"
@@ -92,8 +98,9 @@ def _import_extraction_state(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("DROP TABLE session_extraction_state")
 
 
-def _runs_table(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(
+def _runs_table(con: Connection) -> None:
+    _ddl(
+        con,
         """
         CREATE TABLE IF NOT EXISTS processor_runs (
             run_id VARCHAR PRIMARY KEY,
@@ -112,14 +119,15 @@ def _runs_table(con: duckdb.DuckDBPyConnection) -> None:
             items_extracted BIGINT,
             errors_detail JSON
         )
-        """
+        """,
     )
 
 
-def _output_schemas_table(con: duckdb.DuckDBPyConnection) -> None:
+def _output_schemas_table(con: Connection) -> None:
     # The DDL each processor's output tables were created with: a changed DDL rebuilds the
     # table and reprocesses that processor's sessions (see state.store.ensure_outputs).
-    con.execute(
+    _ddl(
+        con,
         """
         CREATE TABLE IF NOT EXISTS processor_tables (
             processor_name VARCHAR NOT NULL,
@@ -128,18 +136,19 @@ def _output_schemas_table(con: duckdb.DuckDBPyConnection) -> None:
             created_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
             PRIMARY KEY (table_name)
         )
-        """
+        """,
     )
 
 
-def _run_ledger_and_audit(con: duckdb.DuckDBPyConnection) -> None:
+def _run_ledger_and_audit(con: Connection) -> None:
     # A run's row is written when it starts (status 'running', with the host and pid of the
     # process doing the work) and completed at its end: `doctor` finds runs whose process is
     # gone, which Prefect OSS leaves Running forever.
     for column, sql_type in (("status", "VARCHAR"), ("host", "VARCHAR"), ("pid", "INTEGER")):
-        con.execute(f"ALTER TABLE processor_runs ADD COLUMN IF NOT EXISTS {column} {sql_type}")
+        _ddl(con, f"ALTER TABLE processor_runs ADD COLUMN IF NOT EXISTS {column} {sql_type}")
     con.execute("UPDATE processor_runs SET status = 'completed' WHERE status IS NULL")
-    con.execute(
+    _ddl(
+        con,
         """
         CREATE TABLE IF NOT EXISTS trigger_audit (
             requested_at TIMESTAMPTZ NOT NULL,
@@ -152,11 +161,11 @@ def _run_ledger_and_audit(con: duckdb.DuckDBPyConnection) -> None:
             details JSON,
             error VARCHAR
         )
-        """
+        """,
     )
 
 
-def _append_checkpoints(con: duckdb.DuckDBPyConnection) -> None:
+def _append_checkpoints(con: Connection) -> None:
     # For append-safe processors: where the last read's complete lines end, the hash of the
     # bytes before that point, and the processor's checkpoint to continue from.
     for column, sql_type in (
@@ -164,23 +173,24 @@ def _append_checkpoints(con: duckdb.DuckDBPyConnection) -> None:
         ("complete_hash", "VARCHAR"),
         ("checkpoint", "BLOB"),
     ):
-        con.execute(
-            f"ALTER TABLE session_processor_state ADD COLUMN IF NOT EXISTS {column} {sql_type}"
+        _ddl(
+            con, f"ALTER TABLE session_processor_state ADD COLUMN IF NOT EXISTS {column} {sql_type}"
         )
 
 
-def _checkpoints_table(con: duckdb.DuckDBPyConnection) -> None:
+def _checkpoints_table(con: Connection) -> None:
     """Checkpoints move to a table of their own, replaced by DELETE + INSERT. Updating a big
     BLOB in place (an upsert of the state row) made DuckDB hold ~15 times its size in memory
     and took ~10 times as long as deleting the old row and inserting a new one."""
-    con.execute(
+    _ddl(
+        con,
         """
         CREATE TABLE IF NOT EXISTS session_checkpoints (
             processor_name VARCHAR NOT NULL,
             session_file VARCHAR NOT NULL,
             checkpoint BLOB NOT NULL
         )
-        """
+        """,
     )
     con.execute(
         "INSERT INTO session_checkpoints "
@@ -190,14 +200,14 @@ def _checkpoints_table(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("ALTER TABLE session_processor_state DROP COLUMN checkpoint")
 
 
-def _quarantined_held(con: duckdb.DuckDBPyConnection) -> None:
+def _quarantined_held(con: Connection) -> None:
     # `quarantined` becomes what a run did; what it found held is a column of its own.
     con.execute("ALTER TABLE processor_runs ADD COLUMN IF NOT EXISTS quarantined_held INTEGER")
 
 
-def _run_totals(con: duckdb.DuckDBPyConnection) -> None:
+def _run_totals(con: Connection) -> None:
     # What the sessions a run read add up to (usage: tokens and cost), as JSON.
-    con.execute("ALTER TABLE processor_runs ADD COLUMN IF NOT EXISTS totals JSON")
+    _ddl(con, "ALTER TABLE processor_runs ADD COLUMN IF NOT EXISTS totals JSON")
 
 
 MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
@@ -215,33 +225,29 @@ MIGRATIONS: tuple[tuple[int, str, Migration], ...] = (
 LATEST = MIGRATIONS[-1][0]
 
 
-def applied(con: duckdb.DuckDBPyConnection) -> int:
-    con.execute(
+def applied(con: Connection) -> int:
+    _ddl(
+        con,
         """
         CREATE TABLE IF NOT EXISTS schema_migrations (
             version INTEGER PRIMARY KEY,
             name VARCHAR NOT NULL,
             applied_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
         )
-        """
+        """,
     )
     row = con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
     return int(row[0]) if row else 0
 
 
-_MIGRATING = threading.Lock()
-
-
-def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Apply every pending migration, each in its own transaction; return their names.
-
-    Threads of one process share one DuckDB instance, where concurrent catalog changes
-    conflict; other processes are kept out by DuckDB's file lock."""
-    with _MIGRATING:
+def migrate(con: Connection) -> list[str]:
+    """Apply every pending migration, each in its own transaction; return their names. One
+    process at a time (the backend's `migration_lock`)."""
+    with backend(con).migration_lock(con):
         return _migrate(con)
 
 
-def _migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
+def _migrate(con: Connection) -> list[str]:
     done = applied(con)
     ran: list[str] = []
     for version, name, step in MIGRATIONS:

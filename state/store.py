@@ -7,21 +7,19 @@ or the new rows of a session, never both and never neither.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import duckdb
 import orjson
 
 from processors.base import Processor, Table
-from state.db import transaction
+from state.db import Connection, backend, transaction
+from state.duckdb_backend import json_rows
+from state.errors import StateError
 from state.plan import StoredState
 
 Columns = dict[str, list[Any]]
@@ -66,7 +64,7 @@ class Outcome:
 
 
 def load_settled(
-    con: duckdb.DuckDBPyConnection, processor_name: str, version: str
+    con: Connection, processor_name: str, version: str
 ) -> set[tuple[str, int, int]]:
     """`(session_file, size, mtime_ns)` of every session last read well by this processor
     version: all a run needs to know of the sessions that did not change, which are nearly
@@ -82,10 +80,10 @@ def load_settled(
     )
 
 
-SessionsHook = Callable[[duckdb.DuckDBPyConnection, Sequence[str]], None]
+SessionsHook = Callable[[Connection, Sequence[str]], None]
 
 
-def present_count(con: duckdb.DuckDBPyConnection, processor_name: str) -> int:
+def present_count(con: Connection, processor_name: str) -> int:
     """How many sessions of this processor the state knows and has not seen go missing."""
     row = con.execute(
         "SELECT count(*) FROM session_processor_state "
@@ -96,7 +94,7 @@ def present_count(con: duckdb.DuckDBPyConnection, processor_name: str) -> int:
 
 
 def mark_missing(
-    con: duckdb.DuckDBPyConnection, processor_name: str, present: Iterable[str]
+    con: Connection, processor_name: str, present: Iterable[str]
 ) -> list[str]:
     """Mark the state rows of sessions whose file is gone `missing` (their rows stay: the
     history outlives rotated transcripts); return their keys."""
@@ -104,14 +102,14 @@ def mark_missing(
         rows = con.execute(
             "UPDATE session_processor_state SET status = 'missing' "
             "WHERE processor_name = $1 AND status <> 'missing' "
-            "AND session_file NOT IN (SELECT UNNEST($2)) RETURNING session_file",
+            "AND session_file NOT IN (SELECT UNNEST($2::VARCHAR[])) RETURNING session_file",
             [processor_name, list(present)],
         ).fetchall()
     return sorted(key for (key,) in rows)
 
 
 def forget_missing(
-    con: duckdb.DuckDBPyConnection,
+    con: Connection,
     processor: Processor,
     keys: Sequence[str] | None = None,
     around: tuple[SessionsHook, SessionsHook] | None = None,
@@ -134,7 +132,8 @@ def forget_missing(
                 name
                 for (name,) in con.execute(
                     "SELECT table_name FROM information_schema.tables "
-                    "WHERE table_catalog = current_database()"
+                    "WHERE table_catalog = current_database() "
+                    "AND table_schema = current_schema()"
                 ).fetchall()
             }
             if around is not None:
@@ -143,7 +142,8 @@ def forget_missing(
                 if table.name not in existing:
                     continue
                 con.execute(
-                    f"DELETE FROM {table.name} WHERE session_file IN (SELECT UNNEST($1))",
+                    f"DELETE FROM {table.name} "
+                    "WHERE session_file IN (SELECT UNNEST($1::VARCHAR[]))",
                     [found],
                 )
             if around is not None:
@@ -151,13 +151,13 @@ def forget_missing(
             for table in ("session_checkpoints", "session_processor_state"):
                 con.execute(
                     f"DELETE FROM {table} WHERE processor_name = $1 "
-                    "AND session_file IN (SELECT UNNEST($2))",
+                    "AND session_file IN (SELECT UNNEST($2::VARCHAR[]))",
                     [processor.name, found],
                 )
     return found
 
 
-def failing_sessions(con: duckdb.DuckDBPyConnection, processor_name: str) -> list[str]:
+def failing_sessions(con: Connection, processor_name: str) -> list[str]:
     """The sessions whose last read failed or that are quarantined."""
     rows = con.execute(
         "SELECT session_file FROM session_processor_state "
@@ -168,7 +168,7 @@ def failing_sessions(con: duckdb.DuckDBPyConnection, processor_name: str) -> lis
 
 
 def load_states(
-    con: duckdb.DuckDBPyConnection, processor_name: str, keys: Sequence[str]
+    con: Connection, processor_name: str, keys: Sequence[str]
 ) -> dict[str, StoredState]:
     """Whole state rows of these sessions (those a run or a health check must look at)."""
     if not keys:
@@ -178,7 +178,7 @@ def load_states(
         SELECT session_file, size_bytes, mtime_ns, file_hash, processor_version, status,
                coalesce(attempts, 0), last_attempt_at, complete_offset, complete_hash
         FROM session_processor_state
-        WHERE processor_name = $1 AND session_file IN (SELECT UNNEST($2))
+        WHERE processor_name = $1 AND session_file IN (SELECT UNNEST($2::VARCHAR[]))
         """,
         [processor_name, list(keys)],
     ).fetchall()
@@ -186,14 +186,14 @@ def load_states(
 
 
 def load_checkpoints(
-    con: duckdb.DuckDBPyConnection, processor_name: str, keys: Sequence[str]
+    con: Connection, processor_name: str, keys: Sequence[str]
 ) -> dict[str, bytes]:
     """The stored checkpoints of the sessions about to be continued, in one query."""
     if not keys:
         return {}
     rows = con.execute(
         "SELECT session_file, checkpoint FROM session_checkpoints "
-        "WHERE processor_name = $1 AND session_file IN (SELECT UNNEST($2))",
+        "WHERE processor_name = $1 AND session_file IN (SELECT UNNEST($2::VARCHAR[]))",
         [processor_name, list(keys)],
     ).fetchall()
     return {row[0]: bytes(row[1]) for row in rows}
@@ -208,7 +208,7 @@ def _added_columns(table: Table, old_ddl: str) -> list[tuple[str, str]]:
     return []
 
 
-def ensure_outputs(con: duckdb.DuckDBPyConnection, processor: Processor) -> list[str]:
+def ensure_outputs(con: Connection, processor: Processor) -> list[str]:
     """Create the processor's output tables and views, in the caller's transaction.
 
     A table whose DDL changed since it was created is dropped and recreated, and every state
@@ -217,6 +217,7 @@ def ensure_outputs(con: duckdb.DuckDBPyConnection, processor: Processor) -> list
     no longer declares is dropped too (its name may now be one of its views). Returns the
     rebuilt and dropped table names.
     """
+    rows = backend(con)
     rebuilt: list[str] = []
     current = {table.name for table in processor.tables}
     for (name,) in con.execute(
@@ -233,7 +234,7 @@ def ensure_outputs(con: duckdb.DuckDBPyConnection, processor: Processor) -> list
             [table.name],
         ).fetchone()
         if row is not None and row[0] != processor.name:
-            raise duckdb.Error(
+            raise StateError(
                 f"table {table.name} belongs to processor {row[0]!r}, not {processor.name!r}"
             )
         if row is not None and row[1] == table.ddl:
@@ -244,14 +245,20 @@ def ensure_outputs(con: duckdb.DuckDBPyConnection, processor: Processor) -> list
             # are NULL until their session is read again), so nothing is reprocessed; for an
             # LLM processor that would mean paying for its whole history again.
             for name, sql_type in added:
-                con.execute(f"ALTER TABLE {table.name} ADD COLUMN IF NOT EXISTS {name} {sql_type}")
+                con.execute(
+                    rows.dialect(
+                        f"ALTER TABLE {table.name} ADD COLUMN IF NOT EXISTS {name} {sql_type}"
+                    )
+                )
         elif row is not None:
             con.execute(f"DROP TABLE IF EXISTS {table.name} CASCADE")
             rebuilt.append(table.name)
-        con.execute(table.ddl)
+        con.execute(rows.dialect(table.ddl))
+        rows.after_table(con, table)
         con.execute(
-            "INSERT OR REPLACE INTO processor_tables (processor_name, table_name, ddl) "
-            "VALUES (?, ?, ?)",
+            "INSERT INTO processor_tables (processor_name, table_name, ddl) VALUES (?, ?, ?) "
+            "ON CONFLICT (table_name) DO UPDATE SET "
+            "processor_name = EXCLUDED.processor_name, ddl = EXCLUDED.ddl",
             [processor.name, table.name, table.ddl],
         )
     if rebuilt:
@@ -260,146 +267,10 @@ def ensure_outputs(con: duckdb.DuckDBPyConnection, processor: Processor) -> list
             "WHERE processor_name = ?",
             [processor.name],
         )
+    rows.prepare(con)
     for view in processor.views:
-        con.execute(view)
+        rows.create_view(con, view)
     return rebuilt
-
-
-# Rows per statement. DuckDB boxes every element of a list parameter into a Value of its own
-# (~100 bytes each), so one statement for a 500 MB session's 189k rows peaked at +400 MB.
-STATEMENT_ROWS = 10_000
-
-
-def _slices(columns: list[list[Any]]) -> Iterator[list[list[Any]]]:
-    """The columns cut into pieces of at most STATEMENT_ROWS rows."""
-    total = len(columns[0])
-    if total <= STATEMENT_ROWS:
-        yield columns
-        return
-    for start in range(0, total, STATEMENT_ROWS):
-        yield [column[start : start + STATEMENT_ROWS] for column in columns]
-
-
-# Below this many rows the list path is faster: the JSON path's temporary file and reader
-# cost ~4 ms more per statement, and boxing values only costs ~30 µs a row (22 columns).
-JSON_MIN_ROWS = 256
-
-
-def _insert_columns(con: duckdb.DuckDBPyConnection, table: Table, columns: Columns) -> None:
-    """Insert rows given column-wise, STATEMENT_ROWS at a time. A piece of JSON_MIN_ROWS
-    rows or more goes to DuckDB as one JSON document when its values allow it
-    (`json_rows`), anything else as list parameters."""
-    names = table.column_names
-    if not columns[names[0]]:
-        return
-    for piece in _slices([columns[name] for name in names]):
-        document = json_rows(table, piece) if len(piece[0]) >= JSON_MIN_ROWS else None
-        if document is None or not insert_json(con, table, document):
-            insert_lists(con, table, piece)
-
-
-def insert_lists(con: duckdb.DuckDBPyConnection, table: Table, piece: list[list[Any]]) -> None:
-    """One list parameter per column, unnested and cast. Works for any value DuckDB's Python
-    client takes, but boxes every element in a Value of its own: ~3x slower than JSON."""
-    select = ", ".join(
-        f"TRY_CAST(UNNEST(${i}) AS {sql_type})" for i, sql_type in enumerate(table.value_types, 1)
-    )
-    names = ", ".join(table.column_names)
-    con.execute(f"INSERT INTO {table.name} ({names}) SELECT {select}", piece)
-
-
-# How a column of each type travels in the JSON document: the type DuckDB reads it as, cast
-# afterwards with TRY_CAST as the list path does (an integer out of range becomes NULL, not an
-# error; timestamps go as text, parsed by the cast). Other types take the list path.
-_JSON_READ_AS = {
-    "VARCHAR": "VARCHAR",
-    "TEXT": "VARCHAR",
-    "BIGINT": "HUGEINT",
-    "INTEGER": "HUGEINT",
-    "DOUBLE": "DOUBLE",
-    "BOOLEAN": "BOOLEAN",
-    "TIMESTAMPTZ": "VARCHAR",
-    "TIMESTAMP": "VARCHAR",
-}
-
-
-def json_rows(table: Table, piece: list[list[Any]]) -> bytes | None:
-    """The piece as one JSON object of column lists (`{"c1": [...], ...}`), or None when
-    JSON cannot carry it exactly: a column type without a JSON reading, a float that is not
-    finite (JSON has no NaN), or a value orjson refuses (an integer past 64 bits, a lone
-    surrogate in a string, a datetime, whose text form would change how it is cast)."""
-    types = table.value_types
-    if not all(t.upper() in _JSON_READ_AS for t in types):
-        return None
-    for values, sql_type in zip(piece, types, strict=True):
-        # inf or NaN anywhere makes the sum inf or NaN (so can a huge sum: then the list path
-        # is merely slower). None and zeros are left out; ints mixed in are fine.
-        if sql_type.upper() == "DOUBLE" and not _finite_sum(values):
-            return None
-    try:
-        return orjson.dumps(
-            {f"c{i}": values for i, values in enumerate(piece, 1)},
-            option=orjson.OPT_PASSTHROUGH_DATETIME,
-        )
-    except (orjson.JSONEncodeError, TypeError):
-        return None
-
-
-def _finite_sum(values: list[Any]) -> bool:
-    try:
-        return math.isfinite(sum(filter(None, values)))
-    except (OverflowError, TypeError):
-        return False
-
-
-def insert_json(con: duckdb.DuckDBPyConnection, table: Table, document: bytes) -> bool:
-    """Insert a `json_rows` document, which DuckDB's JSON reader parses in C++, ~3x faster than
-    handing over the same values as list parameters. False, with nothing inserted, when the
-    document cannot be written where DuckDB can read it (a full disk)."""
-    types = table.value_types
-    reads = ", ".join(f"'c{i}': '{_JSON_READ_AS[t.upper()]}[]'" for i, t in enumerate(types, 1))
-    select = ", ".join(f"TRY_CAST(UNNEST(c{i}) AS {t})" for i, t in enumerate(types, 1))
-    sql = (
-        f"INSERT INTO {table.name} ({', '.join(table.column_names)}) SELECT {select} "
-        f"FROM read_json($1, columns = {{{reads}}}, format = 'unstructured', "
-        f"maximum_object_size = {len(document) + 1})"
-    )
-    with readable(document) as path:
-        if path is None:
-            return False
-        con.execute(sql, [path])
-        return True
-
-
-@contextmanager
-def readable(document: bytes) -> Iterator[str | None]:
-    """A path this process's DuckDB can read `document` from, or None if it cannot be written.
-    On Linux an anonymous in-memory file (memfd), which a killed process cannot leave behind;
-    elsewhere a temporary file, removed afterwards."""
-    remove: str | None = None
-    try:
-        fd = os.memfd_create("session-pipeline-rows", os.MFD_CLOEXEC)
-        path = f"/proc/self/fd/{fd}"
-    except (AttributeError, OSError):  # not Linux, or no memory file to be had
-        try:
-            fd, path = tempfile.mkstemp(prefix="session-pipeline-rows-", suffix=".json")
-        except OSError:
-            yield None
-            return
-        remove = path
-    try:
-        try:
-            view = memoryview(document)
-            while view:
-                view = view[os.write(fd, view) :]
-        except OSError:
-            yield None
-            return
-        yield path
-    finally:
-        os.close(fd)
-        if remove is not None:
-            os.unlink(remove)
 
 
 def serialize_rows(tables: Sequence[Table], outcomes: list[Outcome]) -> list[Outcome]:
@@ -426,59 +297,6 @@ def serialize_rows(tables: Sequence[Table], outcomes: list[Outcome]) -> list[Out
     return outcomes
 
 
-def _insert_documents(
-    con: duckdb.DuckDBPyConnection, table: Table, documents: list[tuple[int, bytes]]
-) -> None:
-    """Insert serialized rows (`serialize_rows`): the documents of several outcomes go in one
-    statement (the JSON reader takes them one after another), about STATEMENT_ROWS rows a
-    statement. A document that cannot be written where DuckDB reads it goes as lists."""
-    group: list[bytes] = []
-    rows = 0
-    for count, document in documents:
-        group.append(document)
-        rows += count
-        if rows >= STATEMENT_ROWS:
-            _insert_document_group(con, table, group)
-            group, rows = [], 0
-    if group:
-        _insert_document_group(con, table, group)
-
-
-def _insert_document_group(
-    con: duckdb.DuckDBPyConnection, table: Table, group: list[bytes]
-) -> None:
-    if insert_json(con, table, b"\n".join(group)):
-        return
-    for document in group:
-        columns = orjson.loads(document)
-        piece = [columns[f"c{i}"] for i in range(1, len(table.column_names) + 1)]
-        for part in _slices(piece):
-            insert_lists(con, table, part)
-
-
-def _delete_by_key(con: duckdb.DuckDBPyConnection, table: Table, rows: Columns) -> None:
-    """Remove the rows an increment replaces: those with the same session and key (NULLs in
-    a key compare equal), or, for a table without a key, all rows of the sessions it
-    returned rows for."""
-    if not rows["session_file"]:
-        return
-    if not table.key:
-        con.execute(
-            f"DELETE FROM {table.name} WHERE session_file IN (SELECT UNNEST($1))",
-            [sorted(set(rows["session_file"]))],
-        )
-        return
-    types = dict(zip(table.column_names, table.value_types, strict=True))
-    names = ["session_file", *table.key]
-    select = ", ".join(
-        f"TRY_CAST(UNNEST(${i}) AS {types[name]}) AS {name}" for i, name in enumerate(names, 1)
-    )
-    match = " AND ".join(f"t.{name} IS NOT DISTINCT FROM d.{name}" for name in names)
-    sql = f"DELETE FROM {table.name} t USING (SELECT {select}) d WHERE {match}"
-    for piece in _slices([rows[name] for name in names]):
-        con.execute(sql, piece)
-
-
 def _take(outcomes: Sequence[Outcome], table: Table) -> Columns:
     """The outcomes' rows for `table`, one column list each, taken out of the outcomes so that
     each table's values can be freed once inserted (a big session's rows are most of a
@@ -495,7 +313,7 @@ def _take(outcomes: Sequence[Outcome], table: Table) -> Columns:
 
 
 def apply_batch(
-    con: duckdb.DuckDBPyConnection,
+    con: Connection,
     processor: Processor,
     outcomes: Sequence[Outcome],
     max_attempts: int,
@@ -509,20 +327,22 @@ def apply_batch(
     unchanged = [o for o in outcomes if o.status == "unchanged"]
     failed = [o for o in outcomes if o.status == "failed"]
     quarantined: list[str] = []
+    writer = backend(con)
     if whole:
         keys = [o.key for o in whole]
         for table in processor.tables:
             con.execute(
-                f"DELETE FROM {table.name} WHERE session_file IN (SELECT UNNEST($1))", [keys]
+                f"DELETE FROM {table.name} WHERE session_file IN (SELECT UNNEST($1::VARCHAR[]))",
+                [keys],
             )
-            _insert_columns(con, table, _take(whole, table))
+            writer.insert_columns(con, table, _take(whole, table))
             documents = [d for o in whole if (d := o.documents.pop(table.name, None))]
             if documents:
-                _insert_documents(con, table, documents)
+                writer.insert_documents(con, table, documents)
     for table in processor.tables if increments else ():
         rows = _take(increments, table)
-        _delete_by_key(con, table, rows)
-        _insert_columns(con, table, rows)
+        writer.delete_by_key(con, table, rows)
+        writer.insert_columns(con, table, rows)
     if whole:
         _upsert_read(con, processor, whole, "whole")
     if increments:
@@ -535,7 +355,7 @@ def apply_batch(
 
 
 def _upsert_read(
-    con: duckdb.DuckDBPyConnection,
+    con: Connection,
     processor: Processor,
     outcomes: Sequence[Outcome],
     mode: Literal["whole", "increment", "unchanged"],
@@ -560,9 +380,11 @@ def _upsert_read(
             processor_name, session_file, username, processed_at, items_extracted, file_hash,
             processor_version, size_bytes, mtime_ns, read_at, malformed_lines, attempts,
             last_error, last_attempt_at, status, complete_offset, complete_hash)
-        SELECT $1, UNNEST($2), UNNEST($3), UNNEST($4), UNNEST($5), UNNEST($6), $7,
-               UNNEST($8), UNNEST($9), UNNEST($10), UNNEST($11), 0, NULL, UNNEST($4), 'ok',
-               UNNEST($12), UNNEST($13)
+        SELECT $1::VARCHAR, UNNEST($2::VARCHAR[]), UNNEST($3::VARCHAR[]),
+               UNNEST($4::TIMESTAMPTZ[]), UNNEST($5::INTEGER[]), UNNEST($6::VARCHAR[]),
+               $7::VARCHAR, UNNEST($8::BIGINT[]), UNNEST($9::BIGINT[]),
+               UNNEST($10::TIMESTAMPTZ[]), UNNEST($11::INTEGER[]), 0, NULL,
+               UNNEST($4::TIMESTAMPTZ[]), 'ok', UNNEST($12::BIGINT[]), UNNEST($13::VARCHAR[])
         ON CONFLICT (processor_name, session_file) DO UPDATE SET
             {on_conflict_items}
             file_hash = EXCLUDED.file_hash, processor_version = EXCLUDED.processor_version,
@@ -591,19 +413,20 @@ def _upsert_read(
 
 
 def _replace_checkpoints(
-    con: duckdb.DuckDBPyConnection, processor_name: str, outcomes: Sequence[Outcome]
+    con: Connection, processor_name: str, outcomes: Sequence[Outcome]
 ) -> None:
     """A read's checkpoint replaces the session's old one (or removes it, when it has none)."""
     con.execute(
         "DELETE FROM session_checkpoints WHERE processor_name = $1 "
-        "AND session_file IN (SELECT UNNEST($2))",
+        "AND session_file IN (SELECT UNNEST($2::VARCHAR[]))",
         [processor_name, [o.key for o in outcomes]],
     )
     kept = [o for o in outcomes if o.checkpoint is not None]
     small = [o for o in kept if len(o.checkpoint or b"") <= 64 << 10]
     if small:
         con.execute(
-            "INSERT INTO session_checkpoints SELECT $1, UNNEST($2), UNNEST($3)::BLOB",
+            "INSERT INTO session_checkpoints "
+            "SELECT $1::VARCHAR, UNNEST($2::VARCHAR[]), UNNEST($3::BYTEA[])",
             [processor_name, [o.key for o in small], [o.checkpoint for o in small]],
         )
     for outcome in kept:  # big ones one statement each: a list parameter copies them twice more
@@ -615,7 +438,7 @@ def _replace_checkpoints(
 
 
 def _record_failures(
-    con: duckdb.DuckDBPyConnection,
+    con: Connection,
     processor_name: str,
     failed: Sequence[Outcome],
     max_attempts: int,
@@ -626,13 +449,14 @@ def _record_failures(
         """
         INSERT INTO session_processor_state (
             processor_name, session_file, username, attempts, last_error, last_attempt_at, status)
-        SELECT $1, UNNEST($2), UNNEST($3), 1, UNNEST($4), UNNEST($5),
-               CASE WHEN $6 <= 1 THEN 'quarantined' ELSE 'failed' END
+        SELECT $1::VARCHAR, UNNEST($2::VARCHAR[]), UNNEST($3::VARCHAR[]), 1,
+               UNNEST($4::VARCHAR[]), UNNEST($5::TIMESTAMPTZ[]),
+               CASE WHEN $6::INTEGER <= 1 THEN 'quarantined' ELSE 'failed' END
         ON CONFLICT (processor_name, session_file) DO UPDATE SET
             attempts = coalesce(session_processor_state.attempts, 0) + 1,
             last_error = EXCLUDED.last_error,
             last_attempt_at = EXCLUDED.last_attempt_at,
-            status = CASE WHEN coalesce(session_processor_state.attempts, 0) + 1 >= $6
+            status = CASE WHEN coalesce(session_processor_state.attempts, 0) + 1 >= $6::INTEGER
                           THEN 'quarantined' ELSE 'failed' END
         """,
         [
@@ -645,8 +469,8 @@ def _record_failures(
         ],
     )
     rows = con.execute(
-        "SELECT session_file FROM session_processor_state WHERE processor_name = ? "
-        "AND status = 'quarantined' AND session_file IN (SELECT UNNEST($2))",
+        "SELECT session_file FROM session_processor_state WHERE processor_name = $1 "
+        "AND status = 'quarantined' AND session_file IN (SELECT UNNEST($2::VARCHAR[]))",
         [processor_name, [o.key for o in failed]],
     ).fetchall()
     return sorted(r[0] for r in rows)
@@ -691,7 +515,7 @@ class RunFigures:
 
 
 def start_run(
-    con: duckdb.DuckDBPyConnection,
+    con: Connection,
     run_id: str,
     processor: Processor,
     *,
@@ -701,9 +525,14 @@ def start_run(
     """Enter a run in the ledger before any work, with the host and pid doing it."""
     con.execute(
         """
-        INSERT OR REPLACE INTO processor_runs (
+        INSERT INTO processor_runs (
             run_id, processor_name, processor_version, flow_run_id, started_at, status, host, pid)
         VALUES (?, ?, ?, ?, ?, 'running', ?, ?)
+        ON CONFLICT (run_id) DO UPDATE SET
+            processor_name = EXCLUDED.processor_name,
+            processor_version = EXCLUDED.processor_version,
+            flow_run_id = EXCLUDED.flow_run_id, started_at = EXCLUDED.started_at,
+            status = 'running', host = EXCLUDED.host, pid = EXCLUDED.pid
         """,
         [
             run_id,
@@ -718,7 +547,7 @@ def start_run(
 
 
 def finish_run(
-    con: duckdb.DuckDBPyConnection,
+    con: Connection,
     run_id: str,
     figures: RunFigures | None,
     *,
@@ -730,10 +559,11 @@ def finish_run(
     con.execute(
         """
         UPDATE processor_runs SET
-            finished_at = ?, status = ?, duration_seconds = epoch(?::TIMESTAMPTZ - started_at),
+            finished_at = ?, status = ?,
+            duration_seconds = extract(epoch FROM ?::TIMESTAMPTZ - started_at),
             scanned = ?, processed = ?, skipped = ?, errors = ?, quarantined = ?,
-            quarantined_held = ?, deferred = ?, items_extracted = ?, errors_detail = ?,
-            totals = ?
+            quarantined_held = ?, deferred = ?, items_extracted = ?, errors_detail = ?::JSON,
+            totals = ?::JSON
         WHERE run_id = ?
         """,
         [
@@ -768,7 +598,7 @@ class ProcessorStatus:
     last_run_status: str | None  # completed, failed, cancelled, crashed, running
 
 
-def status(con: duckdb.DuckDBPyConnection, processor_names: Iterable[str]) -> list[ProcessorStatus]:
+def status(con: Connection, processor_names: Iterable[str]) -> list[ProcessorStatus]:
     counts = {
         row[0]: row[1:]
         for row in con.execute(
@@ -787,9 +617,9 @@ def status(con: duckdb.DuckDBPyConnection, processor_names: Iterable[str]) -> li
         row[0]: row[1:]
         for row in con.execute(
             """
-            SELECT processor_name, arg_max(coalesce(finished_at, started_at), started_at),
-                   arg_max(errors, started_at), arg_max(status, started_at)
-            FROM processor_runs GROUP BY processor_name
+            SELECT DISTINCT ON (processor_name) processor_name,
+                   coalesce(finished_at, started_at), errors, status
+            FROM processor_runs ORDER BY processor_name, started_at DESC
             """
         ).fetchall()
     }
@@ -815,7 +645,7 @@ def status(con: duckdb.DuckDBPyConnection, processor_names: Iterable[str]) -> li
 
 
 def release(
-    con: duckdb.DuckDBPyConnection,
+    con: Connection,
     processor_name: str,
     *,
     user: str | None = None,

@@ -127,3 +127,63 @@ def subprocess_env(api_url: str, **extra: str) -> dict[str, str]:
     env.update({"PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     env.update(extra)
     return env
+
+
+# --- PostgreSQL: a real server, one fresh schema per test ------------------------------------
+
+POSTGRES_URL = os.environ.get(
+    "SESSION_PIPELINE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _postgres_unreachable(url: str) -> str | None:
+    """Why the test server cannot be used, in one line, or None."""
+    try:
+        import psycopg
+
+        with psycopg.connect(url, connect_timeout=3) as con:
+            con.execute("SELECT 1")
+    except Exception as error:
+        return str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The test server's URL. Unreachable: the test is skipped with the reason, unless
+    `SESSION_PIPELINE_REQUIRE_POSTGRES=1` (CI), which fails it."""
+    reason = _postgres_unreachable(POSTGRES_URL)
+    if reason is not None:
+        message = f"PostgreSQL not reachable at {POSTGRES_URL}: {reason}"
+        if os.environ.get("SESSION_PIPELINE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return POSTGRES_URL
+
+
+def postgres_schema_url(base: str, schema: str) -> str:
+    separator = "&" if "?" in base else "?"
+    return f"{base}{separator}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture
+def pg_db(postgres_url: str) -> Iterator[Any]:
+    """A `PostgresDatabase` in a schema of its own, dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    from state.db import location
+
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    yield location(postgres_schema_url(postgres_url, schema))
+    with psycopg.connect(postgres_url, autocommit=True) as con:
+        con.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["duckdb", "postgresql"])
+def state_db(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """The state database on each backend: a DuckDB file, then a PostgreSQL schema."""
+    if request.param == "duckdb":
+        return tmp_path / "state" / "pipeline.duckdb"
+    return request.getfixturevalue("pg_db")

@@ -156,11 +156,11 @@ def test_usage_through_the_pipeline_equals_a_full_read(
     checkpoints that keep no entry, so increments fall back to whole reads."""
     from flows import work
     from processors.usage import UsageProcessor
-    from state import store
+    from state import duckdb_backend
     from tests.conftest import EXAMPLES
 
     if variant == "5-row-statements-compressed-checkpoints":
-        monkeypatch.setattr(store, "STATEMENT_ROWS", 5)
+        monkeypatch.setattr(duckdb_backend, "STATEMENT_ROWS", 5)
         monkeypatch.setattr(work, "COMPRESS_CHECKPOINT_ABOVE", 0)
     if variant == "4k-segments":
         monkeypatch.setattr(work, "SEGMENT_BYTES", 4096)

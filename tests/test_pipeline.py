@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pytest
 
 from flows.pipeline import run_direct
@@ -53,6 +52,12 @@ class Recorder:
             for i, line in enumerate(session.lines(), 1)
         ]
         return ProcessResult({"recorder_rows": rows}, items=len(rows))
+
+
+@pytest.fixture
+def db(state_db: Any) -> Any:
+    """Every test here runs on the embedded DuckDB file and on PostgreSQL."""
+    return state_db
 
 
 def _rows(db: Path, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
@@ -356,7 +361,7 @@ def test_rows_that_do_not_fit_fail_that_session_only(data_dir: Path, db: Path) -
 
 def test_a_failed_commit_leaves_the_old_rows(data_dir: Path, db: Path) -> None:
     """Delete and insert are one transaction: a failing insert rolls the delete back."""
-    from state.db import transaction
+    from state.db import DATABASE_ERRORS, transaction
     from state.store import Outcome, apply_batch
 
     _two_sessions(data_dir)
@@ -370,7 +375,7 @@ def test_a_failed_commit_leaves_the_old_rows(data_dir: Path, db: Path) -> None:
         "h",
         columns={"recorder_rows": {"session_file": [None], "line_no": [1], "text": ["x"]}},
     )
-    with connect(db) as con, pytest.raises(duckdb.ConstraintException), transaction(con):
+    with connect(db) as con, pytest.raises(DATABASE_ERRORS), transaction(con):
         apply_batch(con, Recorder(), [bad], 5)
     assert _rows(
         db, "SELECT count(*) FROM recorder_rows WHERE session_file = 'alice/s1.jsonl'"
@@ -421,8 +426,9 @@ def test_output_schema_change_rebuilds_and_reprocesses(data_dir: Path, db: Path)
     assert _rows(db, "SELECT count(*), count(extra) FROM recorder_rows") == [(3, 0)]
     assert _rows(
         db,
-        "SELECT data_type FROM information_schema.columns "
-        "WHERE table_name = 'recorder_rows' AND column_name = 'line_no'",
+        "SELECT upper(data_type) FROM information_schema.columns "
+        "WHERE table_name = 'recorder_rows' AND column_name = 'line_no' "
+        "AND table_schema = current_schema()",
     ) == [("BIGINT",)]
 
 

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processors.base import Table
-from state.store import (
+from state.duckdb_backend import (
     JSON_MIN_ROWS,
     STATEMENT_ROWS,
-    _insert_columns,
+    insert_columns,
     insert_json,
     insert_lists,
     json_rows,
@@ -86,7 +86,7 @@ def test_values_json_cannot_carry_exactly_take_the_list_path(
     assert json_rows(TABLE, piece) is None, why
     con = duckdb.connect()
     con.execute(TABLE.ddl)
-    _insert_columns(con, TABLE, dict(zip(TABLE.column_names, piece, strict=True)))
+    insert_columns(con, TABLE, dict(zip(TABLE.column_names, piece, strict=True)))
     assert con.execute("SELECT count(*) FROM t").fetchone() == (2,)
 
 
@@ -113,12 +113,12 @@ def test_a_table_with_a_type_json_does_not_read_takes_the_list_path() -> None:
 def test_more_rows_than_a_statement_holds_all_arrive_by_the_json_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from state import store
+    from state import duckdb_backend
 
     def no_lists(*_: Any) -> None:
         raise AssertionError("these rows fit the JSON path")
 
-    monkeypatch.setattr(store, "insert_lists", no_lists)
+    monkeypatch.setattr(duckdb_backend, "insert_lists", no_lists)
     total = STATEMENT_ROWS * 2 + JSON_MIN_ROWS
     columns = {
         "session_file": [f"u/{i}" for i in range(total)],
@@ -134,7 +134,7 @@ def test_more_rows_than_a_statement_holds_all_arrive_by_the_json_path(
     }
     con = duckdb.connect()
     con.execute(TABLE.ddl)
-    _insert_columns(con, TABLE, columns)
+    insert_columns(con, TABLE, columns)
     assert con.execute("SELECT count(*), sum(n), count(DISTINCT seen_at) FROM t").fetchone() == (
         total,
         total * (total - 1) // 2,
@@ -189,7 +189,7 @@ def test_without_a_memory_file_or_a_writable_temporary_folder_rows_take_the_list
     con.execute(TABLE.ddl)
     document = json_rows(TABLE, piece)
     assert document is not None and not insert_json(con, TABLE, document)
-    _insert_columns(con, TABLE, dict(zip(TABLE.column_names, piece, strict=True)))
+    insert_columns(con, TABLE, dict(zip(TABLE.column_names, piece, strict=True)))
     assert con.execute("SELECT n, small, x, flag FROM t").fetchall() == [(1, 2, 0.5, True)]
 
 
