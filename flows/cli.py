@@ -22,7 +22,7 @@ from flows.retention import register as register_retention_commands
 from processors import registry
 from state import config, store
 from state.config import ConfigError
-from state.db import StateError, connect
+from state.db import StateError, connect, describe
 from state.migrations import migrate
 
 EXIT_ERROR = 1
@@ -240,7 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             from flows.summary import totals_line
 
             print(totals_line(r["processor"], r["totals"]))
-    print(f"\nstate: {db}")
+    print(f"\nstate: {describe(db)}")
     return 0
 
 
@@ -372,7 +372,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     db = config.db_path(args.db)
     with connect(db) as con:
         ran = migrate(con)
-    print(f"{db}: " + ("applied " + "; ".join(ran) if ran else "up to date"))
+    print(f"{describe(db)}: " + ("applied " + "; ".join(ran) if ran else "up to date"))
     return 0
 
 
@@ -421,12 +421,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    import duckdb
+    from state.db import DATABASE_ERRORS
 
     with connect(_existing_db(args.db), read_only=True) as con:
         try:
             cursor = con.execute(args.sql)
-        except duckdb.Error as error:
+        except DATABASE_ERRORS as error:
             raise _QueryError(str(error).splitlines()[0]) from None
         header = [d[0] for d in cursor.description or []]
         rows = cursor.fetchall()

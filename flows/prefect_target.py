@@ -14,13 +14,16 @@ import os
 import tomllib
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 
-def serve_file(db: Path) -> Path:
-    """`pipeline.duckdb.serve.json` beside the state database: the API URL and pid of the
-    `serve` running for it, so `doctor` and `run` find it without PREFECT_API_URL."""
-    db = Path(db).resolve()
-    return db.with_name(f"{db.name}.serve.json")
+def serve_file(db: Any) -> Path:
+    """`pipeline.duckdb.serve.json` beside the state database (see `state.db.sidecar`): the
+    API URL and pid of the `serve` running for it, so `doctor` and `run` find it without
+    PREFECT_API_URL."""
+    from state.db import location, sidecar
+
+    return sidecar(location(db), "serve.json")
 
 
 def profile_api_url() -> str | None:
@@ -41,7 +44,7 @@ def local_serve_api_url(db: Path | str) -> str | None:
     """The Prefect API URL of the `session-pipeline serve` running for this state database
     on this machine, or None (none running; a file left by one that died is ignored)."""
     try:
-        record = json.loads(serve_file(Path(db)).read_text())
+        record = json.loads(serve_file(db).read_text())
         pid, url = int(record["pid"]), str(record["api_url"])
         started = datetime.fromisoformat(record["started_at"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -57,7 +57,7 @@ def _pin_paths(data_dir: str | None, db: str | None) -> dict[str, str]:
     else:
         os.environ["SESSION_DATA_DIR"] = str(config.data_dir(None).resolve())
     if db is not None:
-        parameters["db"] = str(Path(db).resolve())
+        parameters["db"] = str(config.db_path(db).resolve())
     else:
         os.environ["SESSION_PIPELINE_DB"] = str(config.db_path(None).resolve())
     return parameters

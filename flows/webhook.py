@@ -529,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     app = create_app(
-        Path(args.data_dir) if args.data_dir else None, Path(args.db) if args.db else None
+        Path(args.data_dir) if args.data_dir else None,
+        config.db_path(args.db) if args.db else None,
     )
     uvicorn.run(
         app,

@@ -93,12 +93,22 @@ def processor_lock(db: Database, processor_name: str) -> AbstractContextManager[
     return HostLock(db, processor_name)
 
 
-def sidecar(db: Database, suffix: str) -> Path | None:
-    """A file kept beside a DuckDB state file (`pipeline.duckdb.serve.json`); None for a
-    shared database, which has no place on this host."""
+def sidecar(db: Database, suffix: str) -> Path:
+    """A file of this host's about the state (`pipeline.duckdb.serve.json`): beside a DuckDB
+    file; for a shared database, which has no place on this host, in
+    `~/.session-pipeline/` under a name made from its URL."""
     if isinstance(db, PostgresDatabase):
-        return None
+        import hashlib
+
+        name = hashlib.sha256(db.url.encode()).hexdigest()[:16]
+        return Path.home() / ".session-pipeline" / f"postgresql-{name}.{suffix}"
+    db = Path(db).resolve()
     return db.with_name(f"{db.name}.{suffix}")
+
+
+def describe(db: Database) -> str:
+    """The database for messages: a path, or a URL without its password."""
+    return db.masked if isinstance(db, PostgresDatabase) else str(db)
 
 
 @contextmanager

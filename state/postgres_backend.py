@@ -50,6 +50,10 @@ class PostgresDatabase:
         self.name = "postgresql"
 
     def __str__(self) -> str:
+        return self.url
+
+    @property
+    def masked(self) -> str:
         """The URL without its password, for messages."""
         parts = urlsplit(self.url)
         if parts.password is None:
@@ -58,7 +62,7 @@ class PostgresDatabase:
         return urlunsplit(parts._replace(netloc=netloc))
 
     def __repr__(self) -> str:
-        return f"PostgresDatabase({str(self)!r})"
+        return f"PostgresDatabase({self.masked!r})"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PostgresDatabase) and other.url == self.url
@@ -86,7 +90,7 @@ class PostgresDatabase:
                 row = con.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
                 if not (row and row[0]):
                     raise StateError(
-                        f"state database {self} does not exist yet; run a processor first"
+                        f"state database {self.masked} does not exist yet; run a processor first"
                     )
             yield con
         finally:
@@ -115,7 +119,7 @@ class PostgresDatabase:
 
                 raise ProcessorBusyError(
                     f"Processor '{processor_name}' is already running ({who} holds its "
-                    f"lock in {self})"
+                    f"lock in {self.masked})"
                 )
             yield
         finally:
@@ -151,7 +155,7 @@ def _open(db: PostgresDatabase, *, read_only: bool) -> Any:
         )
     except psycopg.Error as error:
         first = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise StateError(f"cannot reach PostgreSQL at {db}: {first}") from None
+        raise StateError(f"cannot reach PostgreSQL at {db.masked}: {first}") from None
     _adapt(raw)
     raw.execute("SET TIME ZONE 'UTC'")
     if read_only:
