@@ -19,10 +19,11 @@ from typing import Any, NoReturn
 from flows.ask import register as register_ask_commands
 from flows.report import register as register_report_commands
 from flows.retention import register as register_retention_commands
+from flows.transfer_cli import register as register_transfer_commands
 from processors import registry
 from state import config, store
 from state.config import ConfigError
-from state.db import StateError, connect, describe
+from state.db import Database, StateError, connect, describe
 from state.migrations import migrate
 
 EXIT_ERROR = 1
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     COMMANDS.update(register_report_commands(commands))
     COMMANDS.update(register_ask_commands(commands))
     COMMANDS.update(register_retention_commands(commands))
+    COMMANDS.update(register_transfer_commands(commands))
     return parser
 
 
@@ -160,7 +162,9 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S %Z").strip() if value else "never"
 
 
-def _run_locally(name: str, data_dir: Path, db: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _run_locally(
+    name: str, data_dir: Path, db: Database, args: argparse.Namespace
+) -> dict[str, Any]:
     """A run in this process: the same steps, ledger row and figures as a flow run, without
     a Prefect server (and without importing Prefect)."""
     import logging
@@ -244,7 +248,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _existing_db(flag: str | None) -> Path:
+def _existing_db(flag: str | None) -> Database:
     """The state database of a command that only reads or changes existing state: a path
     with nothing there is an error (most likely a typo), never a new empty database."""
     db = config.db_path(flag)

@@ -32,7 +32,7 @@ from flows.prefect_api import (
     api_url,
 )
 from processors import registry
-from state.db import StateError, connect
+from state.db import Database, StateError, connect, is_shared, location
 
 # Flow runs in these states have (or are about to have) a process doing them.
 WATCHED_STATES = ("RUNNING", "PENDING", "CANCELLING")
@@ -150,7 +150,7 @@ class DoctorReport:
 # ledger ---------------------------------------------------------------------------------
 
 
-def _read_ledger(db: Path, flow_run_ids: Iterable[str]) -> list[LedgerRow]:
+def _read_ledger(db: Database, flow_run_ids: Iterable[str]) -> list[LedgerRow]:
     """Rows still 'running' plus those of the given flow runs; none if there is no ledger."""
     if not db.exists():
         return []
@@ -174,7 +174,7 @@ def _read_ledger(db: Path, flow_run_ids: Iterable[str]) -> list[LedgerRow]:
     return [LedgerRow(*row) for row in rows]
 
 
-def close_ledger_rows(db: Path, run_ids: list[str], status: str = "crashed") -> list[str]:
+def close_ledger_rows(db: Database, run_ids: list[str], status: str = "crashed") -> list[str]:
     """Mark rows `status`, only those still 'running' (a row its run completed meanwhile
     keeps its figures); returns the ids changed. No database, no change."""
     if not run_ids or not db.exists():
@@ -253,14 +253,14 @@ class _Verdict:
     ledger: LedgerRow | None
 
 
-def _same_db(run: dict[str, Any], db: Path) -> bool:
+def _same_db(run: dict[str, Any], db: Database) -> bool:
     """A run given another state database keeps its ledger row there, not in ours."""
     other = (run.get("parameters") or {}).get("db")
-    return other is None or Path(other).resolve() == db.resolve()
+    return other is None or location(other).resolve() == db.resolve()
 
 
 def _judge(
-    run: dict[str, Any], ledger: dict[str, LedgerRow], db: Path, host: str, now: datetime
+    run: dict[str, Any], ledger: dict[str, LedgerRow], db: Database, host: str, now: datetime
 ) -> _Verdict:
     row = ledger.get(run["id"])
     if row is None:
@@ -273,6 +273,16 @@ def _judge(
                 False, f"no ledger row after {minutes} min: its process died before writing", None
             )
         return _Verdict(True, "starting (no ledger row yet)", None)
+    if row.host != host and is_shared(db):
+        # Every host's run holds its processor's advisory lock in the shared database, named
+        # by host and pid: a run whose lock nobody (or another process) holds is gone.
+        from state.postgres_backend import app_name
+
+        holder = db.lock_holder(row.processor)
+        if holder == app_name(row.host, row.pid):
+            return _Verdict(True, f"process {row.pid} on {row.host} holds its lock", row)
+        held = f"{holder} holds it" if holder else "nobody holds it"
+        return _Verdict(False, f"process {row.pid} on {row.host} lost its lock ({held})", row)
     if row.host != host:
         return _Verdict(None, f"cannot check (runs on host {row.host})", row)
     if row.pid is None:
@@ -286,21 +296,21 @@ def _active_runs(api: PrefectAPI, processor: str) -> list[dict[str, Any]]:
     return api.flow_runs(flow_names=[flow_name(processor)], states=WATCHED_STATES)
 
 
-def doctor(db: Path, api: PrefectAPI | None = None, *, fix: bool = True) -> DoctorReport:
+def doctor(db: Database, api: PrefectAPI | None = None, *, fix: bool = True) -> DoctorReport:
     """Find zombie runs and leaked slots of our flows; with `fix`, crash the zombies (which
     frees their deployment slots), close their ledger rows and release the leases dead runs
     hold their global slots with. Without `api`, the Prefect API is PREFECT_API_URL's, or
     that of the `serve` running for `db` on this machine."""
     owned = api is None
-    api = api or PrefectAPI(api_url(Path(db)))
+    api = api or PrefectAPI(api_url(db))
     try:
-        return _doctor(Path(db), api, fix)
+        return _doctor(db, api, fix)
     finally:
         if owned:
             api.close()
 
 
-def _doctor(db: Path, api: PrefectAPI, fix: bool) -> DoctorReport:
+def _doctor(db: Database, api: PrefectAPI, fix: bool) -> DoctorReport:
     report = DoctorReport(fix=fix)
     host = socket.gethostname()
     processors = [e.name for e in registry.entries()]
@@ -386,7 +396,9 @@ def _holds_slot(run: dict[str, Any], ledger: dict[str, LedgerRow]) -> bool:
     return bool((run.get("labels") or {}).get(LEASE_LABEL)) or run["id"] in ledger
 
 
-def _check_slot(api: PrefectAPI, db: Path, host: str, processor: str, report: DoctorReport) -> None:
+def _check_slot(
+    api: PrefectAPI, db: Database, host: str, processor: str, report: DoctorReport
+) -> None:
     """A processor's global slot taken while no run holding it is alive is leaked. The limit
     is read first: with it full, no new run can take it while the runs are being checked.
     Fixing releases the leases of the dead holders (by id: a lease already gone is left

@@ -19,7 +19,7 @@ from flows.cadence import cadence
 from processors.registry import Entry
 from state import store
 from state.config import ConfigError
-from state.db import connect
+from state.db import Database, connect
 from state.migrations import migrate
 from state.plan import plan
 from state.scan import FoundFile, scan
@@ -114,7 +114,7 @@ def assess(
     return blank
 
 
-def health(entries: Sequence[Entry], data_dir: Path, db: Path) -> dict[str, Any]:
+def health(entries: Sequence[Entry], data_dir: Path, db: Database) -> dict[str, Any]:
     """The whole report: overall status (the worst processor's) and one entry each."""
     now = time.time()
     found = scan(data_dir)

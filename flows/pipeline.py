@@ -31,7 +31,7 @@ from flows.work import ReadAllowance, process_batch
 from processors.base import Processor, is_append_safe
 from state import config, store
 from state.config import ConfigError
-from state.db import connect, processor_lock, transaction
+from state.db import Database, connect, processor_lock, transaction
 from state.migrations import migrate
 from state.plan import Candidate, Plan, StoredState, plan
 from state.scan import scan, scan_changed
@@ -90,7 +90,7 @@ def _holds_sessions(entry: os.DirEntry[str]) -> bool:
 
 
 def prepare(
-    processor: Processor, data_dir: Path, db: Path, ledger: LedgerEntry | None = None
+    processor: Processor, data_dir: Path, db: Database, ledger: LedgerEntry | None = None
 ) -> Plan:
     """Plan a run in one visit to the database: migrate, enter the run in the ledger, load
     what this processor version last read well, scan comparing stats against it, and load
@@ -273,7 +273,7 @@ class Committer:
 
     def __init__(
         self,
-        db: Path,
+        db: Database,
         processor: Processor,
         max_attempts: int,
         tally: Tally,
@@ -384,7 +384,7 @@ class LedgerEntry:
 def begin(
     processor: Processor,
     data_dir: Path,
-    db: Path,
+    db: Database,
     max_attempts: int,
     flow_run_id: str | None = None,
     logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
@@ -416,7 +416,9 @@ def begin(
     return ledger.run_id, the_plan, Committer(db, processor, max_attempts, tally, held, closing)
 
 
-def finish(db: Path, run_id: str, figures: RunFigures | None, status: str = "completed") -> None:
+def finish(
+    db: Database, run_id: str, figures: RunFigures | None, status: str = "completed"
+) -> None:
     with connect(db) as con:
         store.finish_run(con, run_id, figures, finished_at=datetime.now(UTC), status=status)
 
@@ -453,7 +455,7 @@ def run_limits(processor: Processor, time_budget_seconds: float | None = None) -
 def run_direct(
     processor: Processor,
     data_dir: Path,
-    db: Path,
+    db: Database,
     *,
     max_attempts: int,
     time_budget_seconds: float | None = None,

@@ -50,7 +50,7 @@ from processors import registry
 from processors.base import Processor
 from state import config
 from state.config import ConfigError
-from state.db import StateError, connect
+from state.db import Database, StateError, connect
 from state.plan import Candidate
 from state.store import Outcome, RunFigures
 
@@ -213,7 +213,7 @@ class ProcessorSlot:
             self.api.close()
 
 
-def release_dead_run(flow_run_id: str, db: Path, status: str = "crashed") -> list[str]:
+def release_dead_run(flow_run_id: str, db: Database, status: str = "crashed") -> list[str]:
     """What a run that died leaves behind, released: the lease it held its slot with (named
     on the flow run) and its ledger row, closed as `status` if still 'running'. Safe to call
     for a run that ended properly: a released lease and a closed row stay as they are."""
@@ -288,7 +288,7 @@ def _artifact(figures: RunFigures) -> None:
         )
 
 
-def _summary_artifact(processor_name: str, db: Path, logger: Any) -> None:
+def _summary_artifact(processor_name: str, db: Database, logger: Any) -> None:
     """The processor's summary for people (`<name>-summary`, markdown), if it has one."""
     from prefect.artifacts import create_markdown_artifact
 
@@ -535,7 +535,7 @@ class RunRefused(RuntimeError):
 def run(
     processor_name: str,
     data_dir: Path | str | None = None,
-    db: Path | str | None = None,
+    db: Database | str | None = None,
     max_attempts: int | None = None,
     time_budget_seconds: float | None = None,
 ) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from flows.prefect_target import serve_file
 from processors import registry
 from state import config
 from state.config import ConfigError
-from state.db import StateError, connect
+from state.db import Database, StateError, connect
 from state.migrations import migrate
 
 PROG = "session-pipeline"
@@ -85,7 +85,7 @@ def server_address(host: str | None, port: int | None) -> tuple[str, int]:
 # the local serve's address ----------------------------------------------------------------
 
 
-def _write_serve_file(db: Path, api_url: str, ui: str | None, webhook: str) -> Path:
+def _write_serve_file(db: Database, api_url: str, ui: str | None, webhook: str) -> Path:
     path = serve_file(db)
     record = {
         "api_url": api_url,
@@ -100,7 +100,7 @@ def _write_serve_file(db: Path, api_url: str, ui: str | None, webhook: str) -> P
     return path
 
 
-def _remove_serve_file(db: Path) -> None:
+def _remove_serve_file(db: Database) -> None:
     """Remove the file if it is ours (another serve may have replaced it since)."""
     path = serve_file(db)
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
@@ -139,7 +139,7 @@ class Plan:
     """Validated configuration: what will be served, and where."""
 
     data_dir: Path
-    db: Path
+    db: Database
     cadences: dict[str, Cadence]  # enabled processor -> its schedule
     disabled: dict[str, str]  # processor -> why
 

@@ -47,7 +47,7 @@ from flows.prefect_api import (
 from processors import registry
 from state import config
 from state.config import ConfigError
-from state.db import StateError, connect
+from state.db import Database, StateError, connect
 from state.migrations import migrate
 
 TOKEN_ENV = "SESSION_PIPELINE_WEBHOOK_TOKEN"
@@ -94,7 +94,7 @@ def _validate(name: str) -> registry.Entry:
     return entry
 
 
-def _figures(db: Path, flow_run_id: str) -> dict[str, Any] | None:
+def _figures(db: Database, flow_run_id: str) -> dict[str, Any] | None:
     with connect(db) as con:
         migrate(con)
         cursor = con.execute(
@@ -116,7 +116,7 @@ class Webhook:
     """The trigger logic, independent of HTTP framing (and so testable as plain calls)."""
 
     def __init__(
-        self, data_dir: Path, db: Path, token: str | None, prefect_url: str | None
+        self, data_dir: Path, db: Database, token: str | None, prefect_url: str | None
     ) -> None:
         self.data_dir, self.db, self.token = data_dir, db, token or None
         self.prefect_url = prefect_url
@@ -357,7 +357,7 @@ def _one_line(error: RequestValidationError) -> str:
 
 def create_app(
     data_dir: Path | None = None,
-    db: Path | None = None,
+    db: Database | None = None,
     *,
     token: str | None = None,
     prefect_url: str | None = None,

@@ -15,18 +15,25 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import duckdb
 
 from state import duckdb_backend
 from state.errors import PostgresError, StateError
-from state.postgres_backend import PostgresConnection, PostgresDatabase
+
+# The PostgreSQL backend is imported when a URL is first used: the embedded default's
+# commands start no slower for it.
+if TYPE_CHECKING:
+    from state.postgres_backend import PostgresDatabase
+
+    Database: TypeAlias = Path | PostgresDatabase
+else:
+    Database = Path  # (for annotations only: a URL's database is a PostgresDatabase)
 
 __all__ = [
     "DATABASE_ERRORS",
     "Database",
-    "PostgresDatabase",
     "StateError",
     "backend",
     "connect",
@@ -37,7 +44,6 @@ __all__ = [
     "transaction",
 ]
 
-Database = Path | PostgresDatabase
 Connection = Any  # duckdb.DuckDBPyConnection or PostgresConnection: the same execute() shape
 
 # What a failed statement raises, whichever backend ran it.
@@ -46,25 +52,27 @@ DATABASE_ERRORS: tuple[type[Exception], ...] = (duckdb.Error, PostgresError)
 
 def location(text: str | Path) -> Database:
     """A database named by the user: a `postgresql://` URL, or a DuckDB file's path."""
-    if isinstance(text, PostgresDatabase):
-        return text
+    if not isinstance(text, str | Path):
+        return text  # a database already
     raw = str(text)
     if raw.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        from state.postgres_backend import PostgresDatabase
+
         return PostgresDatabase(raw)
     return Path(text)
 
 
 def is_shared(db: Database) -> bool:
-    return isinstance(db, PostgresDatabase)
+    return not isinstance(db, Path)
 
 
 def connect(
     db: Database, *, lock_timeout: float | None = None, read_only: bool = False
 ) -> AbstractContextManager[Connection]:
     """The state database for one unit of work (read-only: it must exist already)."""
-    if isinstance(db, PostgresDatabase):
-        return db.connect(read_only=read_only)
-    return duckdb_backend.connect(db, lock_timeout=lock_timeout, read_only=read_only)
+    if isinstance(db, Path):
+        return duckdb_backend.connect(db, lock_timeout=lock_timeout, read_only=read_only)
+    return db.connect(read_only=read_only)
 
 
 def exists(db: Database) -> bool:
@@ -75,40 +83,40 @@ def exists(db: Database) -> bool:
 def backend(con: Connection) -> ModuleType:
     """The module that writes rows for this connection: `insert_columns`, `insert_documents`,
     `delete_by_key`, `dialect`."""
-    if isinstance(con, PostgresConnection):
-        from state import postgres_backend
+    if isinstance(con, duckdb.DuckDBPyConnection):
+        return duckdb_backend
+    from state import postgres_backend
 
-        return postgres_backend
-    return duckdb_backend
+    return postgres_backend
 
 
 def processor_lock(db: Database, processor_name: str) -> AbstractContextManager[Any]:
     """One run of the processor at a time: a `flock` beside a DuckDB file (one host), a
     PostgreSQL advisory lock for a shared database (every host). Either goes with the process
     that holds it, however it dies."""
-    if isinstance(db, PostgresDatabase):
-        return db.processor_lock(processor_name)
-    from state.hostlock import HostLock
+    if isinstance(db, Path):
+        from state.hostlock import HostLock
 
-    return HostLock(db, processor_name)
+        return HostLock(db, processor_name)
+    return db.processor_lock(processor_name)
 
 
 def sidecar(db: Database, suffix: str) -> Path:
     """A file of this host's about the state (`pipeline.duckdb.serve.json`): beside a DuckDB
     file; for a shared database, which has no place on this host, in
     `~/.session-pipeline/` under a name made from its URL."""
-    if isinstance(db, PostgresDatabase):
+    if not isinstance(db, Path):
         import hashlib
 
         name = hashlib.sha256(db.url.encode()).hexdigest()[:16]
         return Path.home() / ".session-pipeline" / f"postgresql-{name}.{suffix}"
-    db = Path(db).resolve()
+    db = db.resolve()
     return db.with_name(f"{db.name}.{suffix}")
 
 
 def describe(db: Database) -> str:
     """The database for messages: a path, or a URL without its password."""
-    return db.masked if isinstance(db, PostgresDatabase) else str(db)
+    return str(db) if isinstance(db, Path) else db.masked
 
 
 @contextmanager

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import duckdb
+import pytest
 
 from state.db import connect
 from state.migrations import LATEST, migrate
+
+
+@pytest.fixture
+def db(state_db: Any) -> Any:
+    """Every migration runs on the embedded DuckDB file and on PostgreSQL."""
+    return state_db
 
 
 def test_fresh_install_then_noop(db: Path) -> None:
@@ -15,32 +22,34 @@ def test_fresh_install_then_noop(db: Path) -> None:
         assert len(migrate(con)) == LATEST
         assert migrate(con) == []
         tables = {
-            r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+            r[0]
+            for r in con.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema()"
+            ).fetchall()
         }
     assert {"session_processor_state", "processor_runs", "schema_migrations"} <= tables
     assert "session_extraction_state" not in tables
 
 
 def test_old_tables_are_adopted_and_imported_once(db: Path) -> None:
-    db.parent.mkdir(parents=True)
-    con = duckdb.connect(str(db))
-    con.execute(
-        """CREATE TABLE session_processor_state (processor_name VARCHAR, session_file VARCHAR,
+    with connect(db) as con:  # the old system's tables, as it left them
+        con.execute(
+            """CREATE TABLE session_processor_state (processor_name VARCHAR, session_file VARCHAR,
            username VARCHAR, processed_at TIMESTAMP, items_extracted INTEGER, file_hash VARCHAR,
            PRIMARY KEY (processor_name, session_file))"""
-    )
-    con.execute(
-        "INSERT INTO session_processor_state VALUES ('usage', 'alice/a.jsonl', 'alice', now(), 4, 'h1')"
-    )
-    con.execute(
-        """CREATE TABLE session_extraction_state (session_file VARCHAR, username VARCHAR,
-           processed_at TIMESTAMP, items_extracted INTEGER, file_hash VARCHAR)"""
-    )
-    con.execute(
-        "INSERT INTO session_extraction_state VALUES "
-        "('alice/a.jsonl', 'alice', now(), 2, 'h2'), ('bob/b.jsonl', 'bob', now(), 0, 'h3')"
-    )
-    con.close()
+        )
+        con.execute(
+            "INSERT INTO session_processor_state VALUES ('usage', 'alice/a.jsonl', 'alice', now(), 4, 'h1')"
+        )
+        con.execute(
+            """CREATE TABLE session_extraction_state (session_file VARCHAR, username VARCHAR,
+               processed_at TIMESTAMP, items_extracted INTEGER, file_hash VARCHAR)"""
+        )
+        con.execute(
+            "INSERT INTO session_extraction_state VALUES "
+            "('alice/a.jsonl', 'alice', now(), 2, 'h2'), ('bob/b.jsonl', 'bob', now(), 0, 'h3')"
+        )
     with connect(db) as con:
         migrate(con)
         assert migrate(con) == []
@@ -100,7 +109,7 @@ def test_checkpoints_move_to_their_own_table(db: Path) -> None:
             )
         con.execute(
             "INSERT INTO session_processor_state (processor_name, session_file, checkpoint) "
-            "VALUES ('usage', 'a/1.jsonl', '{\"lines\":3}'::BLOB), ('usage', 'a/2.jsonl', NULL)"
+            "VALUES ('usage', 'a/1.jsonl', '{\"lines\":3}'::BYTEA), ('usage', 'a/2.jsonl', NULL)"
         )
         assert migrate(con) == [name for _, name, _ in MIGRATIONS[6:]]
         moved = con.execute("SELECT * FROM session_checkpoints").fetchall()
@@ -108,7 +117,8 @@ def test_checkpoints_move_to_their_own_table(db: Path) -> None:
             r[0]
             for r in con.execute(
                 "SELECT column_name FROM information_schema.columns "
-                "WHERE table_name = 'session_processor_state'"
+                "WHERE table_name = 'session_processor_state' "
+                "AND table_schema = current_schema()"
             ).fetchall()
         }
     assert moved == [("usage", "a/1.jsonl", b'{"lines":3}')]

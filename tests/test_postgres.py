@@ -135,3 +135,49 @@ def test_locks_of_two_schemas_are_apart(pg_db: Any, postgres_url: str) -> None:
     other = location(postgres_schema_url(postgres_url, "test_other_team"))
     with processor_lock(pg_db, "usage"), processor_lock(other, "usage"):
         pass
+
+
+HOLDER_ON_ANOTHER_HOST = """
+import sys, time
+from state import postgres_backend
+from state.db import location, processor_lock
+postgres_backend.socket.gethostname = lambda: "worker-b"  # the run's host, as its ledger says
+with processor_lock(location(sys.argv[1]), "usage"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_doctor_judges_a_run_on_another_host_by_its_lock(pg_db: Any) -> None:
+    """Prefect OSS leaves a dead worker's run Running; with a shared state, `doctor` on any
+    host tells whether that run is alive: only a live run holds its processor's lock."""
+    from datetime import UTC, datetime
+
+    from flows.doctor import LedgerRow, _judge
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER_ON_ANOTHER_HOST, str(pg_db)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        now = datetime.now(UTC)
+        row = LedgerRow("r1", "usage", "f1", "running", "worker-b", holder.pid, now)
+        run = {"id": "f1", "parameters": {}}
+        verdict = _judge(run, {"f1": row}, pg_db, "worker-a", now)
+        assert verdict.alive is True, verdict.reason
+        stale = LedgerRow("r0", "usage", "f0", "running", "worker-b", 1, now)
+        verdict = _judge({"id": "f0", "parameters": {}}, {"f0": stale}, pg_db, "worker-a", now)
+        assert verdict.alive is False and "lost its lock" in verdict.reason
+        holder.kill()
+        holder.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while (verdict := _judge(run, {"f1": row}, pg_db, "worker-a", now)).alive:
+            assert time.monotonic() < deadline, verdict.reason
+            time.sleep(0.1)
+        assert verdict.alive is False and "nobody holds it" in verdict.reason
+    finally:
+        holder.kill()
+        holder.wait()
