@@ -230,9 +230,11 @@ def _processor_names(source_db: Path, processors: list[Processor]) -> list[str]:
     from state.hostlock import lock_path
 
     names = {p.name for p in processors}
-    suffix = lock_path(source_db, "x").name[len(source_db.name) + 1 : -len("x")]  # ".lock"
-    for path in source_db.parent.glob(f"{source_db.name}.*{suffix}"):
-        names.add(path.name[len(source_db.name) + 1 : -len(suffix)])
+    prefix, suffix = f"{source_db.name}.", ".lock"
+    for path in source_db.parent.glob(f"{prefix}*{suffix}"):
+        name = path.name[len(prefix) : -len(suffix)]
+        if name and lock_path(source_db, name) == path:
+            names.add(name)
     return sorted(names)
 
 
@@ -414,9 +416,8 @@ def _copy_all(
                     f"source (`session-pipeline run --db {source_db} ...`), then migrate"
                 )
             else:
-                missing = [
-                    c.name for c in table.columns if c.name not in _columns_of(tgt, table.name)
-                ]
+                has = _columns_of(tgt, table.name)
+                missing = [c.name for c in table.columns if c.name not in has]
                 if missing:
                     raise TransferError(
                         f"table {table.name}: the source has columns this version does not "
