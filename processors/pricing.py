@@ -205,7 +205,7 @@ _RATE_COLUMNS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_r
 
 def _rates_sql(rates: Rates | None) -> list[str]:
     if rates is None:
-        return ["NULL::DOUBLE"] * len(_RATE_COLUMNS)
+        return ["CAST(NULL AS DOUBLE PRECISION)"] * len(_RATE_COLUMNS)
     return [repr(float(getattr(rates, name))) for name in _RATE_COLUMNS]
 
 

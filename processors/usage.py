@@ -29,7 +29,7 @@ from processors.base import ColumnRows, Increment, ProcessResult, Table, WholeRe
 from processors.pricing import PRICE_OVERRIDES_DDL, PRICES_VIEW, cost_sql, price_model
 from processors.session import Session
 from processors.transcript import tag_text
-from processors.usage_reports import COPIES_DDL, REPORT_VIEWS
+from processors.usage_reports import COPIES_DDL, NOT_A_LOSING_COPY, REPORT_VIEWS
 
 SYNTHETIC_MODEL = "<synthetic>"
 IDLE_GAP_SECONDS = 300.0
@@ -173,16 +173,13 @@ LEFT JOIN (
 ) c ON c.session_file = s.session_file"""
 
 # Resumed sessions copy earlier lines into a new file, so one request can sit in two files.
-# Plain window-function SQL (no QUALIFY / EXCLUDE) so it also runs on PostgreSQL.
+# SQL both DuckDB and PostgreSQL run (NOT EXISTS, not DuckDB's ANTI JOIN).
 # (The copies not kept are listed as rows are written, in usage_request_copies: the first by
 # stop_reason, then output tokens, then file; see flows/request_copies.py.)
 USAGE_REQUESTS_UNIQUE_VIEW = f"""CREATE OR REPLACE VIEW usage_requests_unique AS
 SELECT {", ".join(f"r.{c}" for c in _PRICED_REQUEST_COLUMNS)}
 FROM usage_requests r
-ANTI JOIN usage_request_copies losing
-ON r.session_file = losing.session_file
-    AND r.message_id IS NOT DISTINCT FROM losing.message_id
-    AND r.request_id IS NOT DISTINCT FROM losing.request_id"""
+WHERE {NOT_A_LOSING_COPY}"""
 
 
 # --- the lines, as usage reads them -----------------------------------------------------------

@@ -11,6 +11,13 @@ same order, and the losing copies left out. The rows are the same (tested).
 Days, months and blocks are cut in UTC in the views; the report's SQL takes a time zone.
 Timestamps are converted explicitly (`timezone(zone, t)`) and block arithmetic is done on
 epoch microseconds, so nothing depends on the connection's `TimeZone` setting.
+
+The SQL runs on DuckDB and on PostgreSQL (state/postgres_backend.py): it keeps to what both
+parse (aliased subqueries, NOT EXISTS, grouping by position, `array_agg`, `COLLATE "C"` where
+text order decides a result, so a PostgreSQL database's collation cannot change it); the few
+DuckDB functions it uses (`epoch_us`, `make_timestamptz(µs)`, `strftime`, `arg_min_null`,
+`round(DOUBLE, n)`) are defined there with DuckDB's results, and its integer division `//` is
+PostgreSQL's `/` on integers (`dialect`).
 """
 
 from __future__ import annotations
@@ -71,7 +78,8 @@ def live(column: str = "occurred_at") -> str:
 # The order `usage_requests_unique` keeps a request's copies in (processors/usage.py): the
 # first is kept.
 _COPY_ORDER = (
-    "CASE WHEN stop_reason IS NULL THEN 1 ELSE 0 END, output_tokens DESC NULLS LAST, session_file"
+    "CASE WHEN stop_reason IS NULL THEN 1 ELSE 0 END, output_tokens DESC NULLS LAST, "
+    'session_file COLLATE "C"'
 )
 
 # The copies of a request that are not kept, among the requests whose (message_id, request_id)
@@ -82,14 +90,16 @@ _LOSING_COPIES = f"""SELECT session_file, message_id, request_id FROM (
             AS copy_rank
     FROM usage_requests_raw r
     WHERE {{keys}}
-) WHERE copy_rank > 1"""
+) ranked WHERE copy_rank > 1"""
 
 # `usage_request_copies`: the copies not kept, kept up to date by each usage commit for the
 # requests of the sessions it writes (flows/request_copies.py). Filled from every request the
 # first time (a state from before it; only keys with several rows are ranked).
 COPIES_DDL = "CREATE TABLE IF NOT EXISTS usage_request_copies AS " + _LOSING_COPIES.format(
-    keys="hash(message_id, request_id) IN (SELECT hash(message_id, request_id) "
-    "FROM usage_requests_raw GROUP BY 1 HAVING count(*) > 1)"
+    keys="EXISTS (SELECT 1 FROM (SELECT message_id, request_id FROM usage_requests_raw "
+    "GROUP BY message_id, request_id HAVING count(*) > 1) copied "
+    "WHERE r.message_id IS NOT DISTINCT FROM copied.message_id "
+    "AND r.request_id IS NOT DISTINCT FROM copied.request_id)"
 )
 # The same for the keys in the temporary table `{touched}` (a commit's): `{{touched}}` filled in
 # by flows/request_copies.py.
@@ -98,15 +108,37 @@ COPIES_OF_TOUCHED = _LOSING_COPIES.format(
     "AND r.request_id IS NOT DISTINCT FROM t.request_id)"
 )
 
+
+def same_request(a: str, b: str) -> str:
+    """SQL: rows `a` and `b` have the same (message_id, request_id), NULLs equal, written as
+    equalities PostgreSQL can hash or look up in an index (`IS NOT DISTINCT FROM` it can only
+    compare row by row); DuckDB hashes either."""
+    return " AND ".join(
+        [
+            *(f"coalesce({a}.{c}, '') = coalesce({b}.{c}, '')" for c in _KEY),
+            *(f"({a}.{c} IS NULL) = ({b}.{c} IS NULL)" for c in _KEY),
+        ]
+    )
+
+
+_KEY = ("message_id", "request_id")
+# COPIES_OF_TOUCHED as PostgreSQL runs it well: each touched key looked up by the index of
+# usage_requests_raw on the same coalesced expressions (state/postgres_backend.py).
+COPIES_OF_TOUCHED_BY_INDEX = _LOSING_COPIES.format(
+    keys=f"EXISTS (SELECT 1 FROM {{touched}} t WHERE {same_request('r', 't')})"
+)
+
 # The rows of usage_requests_unique (priced, every column of usage_requests) not older than the
 # retention cutoff.
+NOT_A_LOSING_COPY = """NOT EXISTS (
+        SELECT 1 FROM usage_request_copies losing
+        WHERE r.session_file = losing.session_file
+            AND r.message_id IS NOT DISTINCT FROM losing.message_id
+            AND r.request_id IS NOT DISTINCT FROM losing.request_id)"""
 UNIQUE_REQUESTS = f"""(
     SELECT r.* FROM usage_requests r
-    ANTI JOIN usage_request_copies losing
-    ON r.session_file = losing.session_file
-        AND r.message_id IS NOT DISTINCT FROM losing.message_id
-        AND r.request_id IS NOT DISTINCT FROM losing.request_id
-    WHERE {live("r.occurred_at")}
+    WHERE {NOT_A_LOSING_COPY}
+        AND {live("r.occurred_at")}
 )"""
 
 TOKEN_COLUMNS = (
@@ -148,7 +180,7 @@ def archive_sql() -> str:
     usage_rollup_archive; the second `?` is the time they are archived at."""
     q = ARCHIVE_BUCKET_US
     return f"""INSERT INTO usage_rollup_archive
-SELECT make_timestamptz(epoch_us(occurred_at) // {q} * {q}) AS bucket_start,
+SELECT make_timestamptz((epoch_us(occurred_at) // {q}) * {q}) AS bucket_start,
     session_file, username, session_id, model, price_model,
     coalesce(input_tokens, 0) + n_5m + n_1h + coalesce(cache_read_input_tokens, 0)
         > {LONG_CONTEXT_TOKENS} AS long_context,
@@ -162,8 +194,8 @@ FROM (
     SELECT *, {_WRITE_5M} AS n_5m, {_WRITE_1H} AS n_1h, ({_TOKENLESS}) AS tokenless
     FROM {UNIQUE_REQUESTS} requests
     WHERE occurred_at < ?
-)
-GROUP BY ALL"""
+) parts
+GROUP BY 1, 2, 3, 4, 5, 6, 7"""
 
 
 def _archived_cost() -> str:
@@ -202,7 +234,7 @@ ROLLUP_ROWS = f"""(
             1 AS requests, {", ".join(TOKEN_COLUMNS)}, cost_usd,
             CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END AS unpriced_requests
         FROM {UNIQUE_REQUESTS} requests
-    )
+    ) live_rows
     UNION ALL
     SELECT {_ROLLUP_COLUMNS} FROM (
         SELECT a.bucket_start AS occurred_at, a.username, a.model,
@@ -212,7 +244,7 @@ ROLLUP_ROWS = f"""(
             CASE WHEN p.model IS NULL THEN a.requests ELSE a.tokenless_requests END
                 AS unpriced_requests
         FROM usage_rollup_archive a LEFT JOIN usage_prices p ON p.model = a.price_model
-    )
+    ) archived_rows
 )"""
 
 
@@ -241,7 +273,7 @@ def period_sql(grain: str, zone: str = "UTC", where: str = "") -> str:
     return f"""SELECT CAST({_period(grain, zone)} AS DATE) AS {grain}, username, model,
     {_ROLLUP_FIGURES}
 FROM {rollup_rows(where)} requests
-GROUP BY ALL"""
+GROUP BY 1, 2, 3"""
 
 
 # Per group of requests, summed from `_PARTS` rows (one per session, model and period):
@@ -281,7 +313,7 @@ def report_period_sql(grain: str, zone: str, where: str = "") -> str:
     SELECT CAST({_period(grain, zone)} AS DATE) AS period, model, username, session,
         {_ROLLUP_PARTS}
     FROM {rollup_rows(where)} requests
-    GROUP BY ALL
+    GROUP BY 1, 2, 3, 4
 )
 SELECT period, model, 2 - GROUPING(period) - GROUPING(model) AS level,
     count(DISTINCT username) AS users,
@@ -289,7 +321,8 @@ SELECT period, model, 2 - GROUPING(period) - GROUPING(model) AS level,
     {_SUMMED}
 FROM parts
 GROUP BY GROUPING SETS ((period, model), (period), ())
-ORDER BY level, period, model"""
+ORDER BY level, period, model COLLATE "C"
+"""
 
 
 def report_sessions_sql(zone: str, where: str = "") -> str:
@@ -302,17 +335,18 @@ def report_sessions_sql(zone: str, where: str = "") -> str:
         min(occurred_at) AS first_request_at, max(occurred_at) AS last_request_at,
         {_PARTS}
     FROM {unique_requests(where)} requests
-    GROUP BY ALL
+    GROUP BY 1, 2, 3
 )
 SELECT session, username,
     strftime(timezone('UTC', min(first_request_at)), {iso}) AS first_request_at,
     strftime(timezone('UTC', max(last_request_at)), {iso}) AS last_request_at,
     strftime(timezone({sql_string(zone)}, max(last_request_at)), '%Y-%m-%d %H:%M') AS last_local,
-    list(model ORDER BY model) FILTER (WHERE model IS NOT NULL) AS models,
+    array_agg(model ORDER BY model COLLATE "C") FILTER (WHERE model IS NOT NULL) AS models,
     {_SUMMED}
 FROM parts
 GROUP BY session, username
-ORDER BY max(parts.last_request_at), session"""
+ORDER BY max(parts.last_request_at), session COLLATE "C"
+"""
 
 
 USAGE_DAILY_VIEW = "CREATE OR REPLACE VIEW usage_daily AS\n" + period_sql("day")
@@ -334,7 +368,7 @@ def hourly_buckets_sql(where: str = "") -> str:
     count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced_requests
 FROM {unique_requests(where)} requests
 WHERE occurred_at IS NOT NULL AND username IS NOT NULL
-GROUP BY ALL"""
+GROUP BY 1, 2"""
 
 
 # ccusage's 5-hour blocks, per user: requests in time order; a block starts at its first
@@ -342,33 +376,51 @@ GROUP BY ALL"""
 # block's start, or more than 5 h after the request before it, starts a new block.
 #
 # From hourly buckets (above): `island`s are runs of buckets with no gap over 5 h between
-# them (a gap always starts a block). Within an island, the block starting at hour s is
-# followed by the one starting at the floored first request of the first bucket k >= s + 6
-# (requests after s + 5 h): `next_start`, found for every candidate start at once by an ASOF
-# join. The recursion then only walks from each island's first block to the next, one block
-# per step for every island at once, over one row per bucket. A block is named by the bucket
-# that starts it (two blocks may floor to the same hour's candidates: a request exactly at
-# 05:00 ends the block of 00:00, one at 05:01 starts the next, at 05:00).
+# them (a gap always starts a block). Within an island, the block started by bucket k (at
+# hour s, its first request floored) is followed by the one started by the first bucket
+# k' >= s + 6 (requests after s + 5 h): found for every bucket at once by window functions
+# (s is k - 1 or, for a first request exactly on the hour, k, so the next start is the first
+# bucket at least 5 or 6 hours on, over a RANGE frame; buckets are unique and in time order
+# within an island, so the smallest k' and the smallest first request of that frame are the
+# same bucket's). The recursion then only walks from each island's first block to the next,
+# one block per step for every island at once, over one row per bucket. A block is named by
+# the bucket that starts it (two blocks may floor to the same hour's candidates: a request
+# exactly at 05:00 ends the block of 00:00, one at 05:01 starts the next, at 05:00).
 def blocks_sql(where: str = "") -> str:
     """The blocks of the requests matching `where` (only a filter on whole users keeps the
     blocks as they are)."""
+
+    def after(hours: int, column: str) -> str:
+        return (
+            f"min({column}) OVER (PARTITION BY username, island ORDER BY k "
+            f"RANGE BETWEEN CAST({hours} AS BIGINT) FOLLOWING AND UNBOUNDED FOLLOWING)"
+        )
+
+    on_the_hour = f"k = (first_us // {HOUR_US})"  # else k is the floored hour + 1
     return f"""WITH RECURSIVE buckets AS MATERIALIZED (
     SELECT *, sum(CASE WHEN first_us - previous_last_us <= {BLOCK_US} THEN 0 ELSE 1 END)
             OVER (PARTITION BY username ORDER BY k) AS island
     FROM (
         SELECT *, lag(last_us) OVER (PARTITION BY username ORDER BY k) AS previous_last_us
-        FROM ({hourly_buckets_sql(where)})
-    )
+        FROM ({hourly_buckets_sql(where)}) hourly
+    ) gaps
 ),
 links AS MATERIALIZED (  -- a block started by bucket k, and the bucket starting the next
-    SELECT a.username, a.k, b.k AS next_k, b.first_us // {HOUR_US} AS next_s
-    FROM buckets a
-    ASOF LEFT JOIN buckets b
-        ON b.username = a.username AND b.island = a.island
-        AND b.k >= a.first_us // {HOUR_US} + {BLOCK_HOURS + 1}
+    SELECT username, k,
+        CASE WHEN {on_the_hour} THEN next_k_6 ELSE next_k_5 END AS next_k,
+        (CASE WHEN {on_the_hour} THEN next_first_6 ELSE next_first_5 END) // {HOUR_US}
+            AS next_s
+    FROM (
+        SELECT username, k, first_us,
+            {after(BLOCK_HOURS, "k")} AS next_k_5,
+            {after(BLOCK_HOURS, "first_us")} AS next_first_5,
+            {after(BLOCK_HOURS + 1, "k")} AS next_k_6,
+            {after(BLOCK_HOURS + 1, "first_us")} AS next_first_6
+        FROM buckets
+    ) later
 ),
 chain(username, island, k, s) AS (
-    SELECT username, island, min(k), arg_min(first_us, k) // {HOUR_US}
+    SELECT username, island, min(k), min(first_us) // {HOUR_US}
     FROM buckets GROUP BY username, island
     UNION ALL
     SELECT c.username, c.island, l.next_k, l.next_s
@@ -376,10 +428,11 @@ chain(username, island, k, s) AS (
     WHERE l.next_k IS NOT NULL
 ),
 blocks AS MATERIALIZED (SELECT * FROM chain),
-assigned AS (  -- every bucket with the block of the last starting bucket at or before it
-    SELECT bl.s, b.*
+assigned AS (  -- every bucket with the block it starts, or else the last one started before
+    SELECT max(bl.s) OVER (PARTITION BY b.username, b.island ORDER BY b.k
+            ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS s, b.*
     FROM buckets b
-    ASOF JOIN blocks bl ON bl.username = b.username AND bl.island = b.island AND bl.k <= b.k
+    LEFT JOIN blocks bl ON bl.username = b.username AND bl.island = b.island AND bl.k = b.k
 )
 SELECT username,
     make_timestamptz(s * {HOUR_US}) AS block_start,
@@ -415,36 +468,39 @@ def tools_sql(where: str = "") -> str:
     (a resumed session copies earlier tool calls): keyed by event_id (the tool_use_id; a
     slash command's line uuid), or per file for ids made up from the line number (`line:…`);
     a call is an error if any copy says so, and counts for the session of its first file."""
-    return f"""WITH calls AS (
+    return f"""WITH events AS (
     SELECT CASE WHEN event_id LIKE 'line:%' THEN session_file || '#' || event_id
             ELSE event_id END AS call_key,
-        arg_min(
-            struct_pack(
-                event_type := event_type,
-                name := {tool_name_sql()},
-                username := username,
-                session := coalesce(session_id, session_file)
-            ),
-            session_file
-        ) AS c,
-        bool_or(coalesce(is_error, false)) AS is_error,
-        min(occurred_at) AS occurred_at
+        session_file, event_type, {tool_name_sql()} AS name, username,
+        coalesce(session_id, session_file) AS session,
+        coalesce(is_error, false) AS is_error, occurred_at
     FROM usage_events
     WHERE {live()}{" AND (" + where + ")" if where else ""}
+),
+firsts AS (
+    SELECT call_key, min(session_file COLLATE "C") AS first_file,
+        bool_or(is_error) AS is_error, min(occurred_at) AS occurred_at
+    FROM events
     GROUP BY call_key
+),
+calls AS (  -- each call as its first file has it, an error if any copy is one
+    SELECT e.event_type, e.name, e.username, e.session, f.is_error, f.occurred_at
+    FROM firsts f
+    JOIN events e ON e.session_file = f.first_file AND e.call_key IS NOT DISTINCT FROM f.call_key
 )
-SELECT event_type, name, calls, errors, round(errors / calls, 4) AS error_rate, users,
+SELECT event_type, name, calls, errors,
+    round(CAST(errors AS DOUBLE PRECISION) / calls, 4) AS error_rate, users,
     sessions, first_used_at, last_used_at
 FROM (
-    SELECT c.event_type, c.name, count(*) AS calls,
+    SELECT event_type, name, count(*) AS calls,
         count(*) FILTER (WHERE is_error) AS errors,
-        count(DISTINCT c.username) AS users,
-        count(DISTINCT c.session) AS sessions,
+        count(DISTINCT username) AS users,
+        count(DISTINCT session) AS sessions,
         min(occurred_at) AS first_used_at,
         max(occurred_at) AS last_used_at
     FROM calls
-    GROUP BY ALL
-)"""
+    GROUP BY 1, 2
+) tools"""
 
 
 USAGE_TOOLS_VIEW = "CREATE OR REPLACE VIEW usage_tools AS\n" + tools_sql()

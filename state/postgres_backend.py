@@ -288,18 +288,117 @@ _TYPES = (
 )
 
 
+# DuckDB's integer division; on PostgreSQL `/` of two integers is one (the same precedence,
+# truncated toward zero as DuckDB's): the SQL that uses it divides integers only.
+_INTEGER_DIVISION = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|//")
+
+
 def dialect(sql: str) -> str:
-    """A declared table or view in PostgreSQL's SQL: DuckDB's type names that PostgreSQL does
-    not know become its own. Functions DuckDB has and PostgreSQL lacks are defined by
-    `prepare` instead, so view SQL stays as written."""
+    """Declared tables and views (and the reports' SQL) in PostgreSQL's SQL: DuckDB's type
+    names that PostgreSQL does not know become its own, DuckDB's integer division `//` its
+    `/`. Functions DuckDB has and PostgreSQL lacks are defined by `prepare` instead, so the
+    SQL stays as written."""
     for pattern, replacement in _TYPES:
         sql = pattern.sub(replacement, sql)
+    if "//" in sql:
+        sql = _INTEGER_DIVISION.sub(lambda m: "/" if m.group(0) == "//" else m.group(0), sql)
     return sql
 
 
+# DuckDB functions the declared views (and reports, and people's queries) call, defined in the
+# state's schema with DuckDB's results: signature -> (what it returns and is, its body). Each
+# body is one SELECT of one expression, so PostgreSQL inlines it into the query.
+FUNCTIONS: dict[str, tuple[str, str]] = {
+    # (used by round below, so made first)
+    "duckdb_round_half_away(y DOUBLE PRECISION)": (
+        "DOUBLE PRECISION LANGUAGE sql IMMUTABLE PARALLEL SAFE",
+        "SELECT sign(y) * (floor(abs(y)) + CASE WHEN abs(y) - floor(abs(y)) >= 0.5 THEN 1 "
+        "ELSE 0 END)",
+    ),
+    # DuckDB's round of a DOUBLE: std::round (half away from zero) of x * 10^n, over 10^n
+    "round(x DOUBLE PRECISION, n INTEGER)": (
+        "DOUBLE PRECISION LANGUAGE sql IMMUTABLE PARALLEL SAFE",
+        "SELECT CASE WHEN n >= 0 "
+        "THEN duckdb_round_half_away(x * CAST(10 AS DOUBLE PRECISION) ^ n) "
+        "/ CAST(10 AS DOUBLE PRECISION) ^ n "
+        "ELSE duckdb_round_half_away(x / CAST(10 AS DOUBLE PRECISION) ^ (-n)) "
+        "* CAST(10 AS DOUBLE PRECISION) ^ (-n) END",
+    ),
+    # microseconds since the epoch (exact: extract gives a numeric)
+    "epoch_us(t TIMESTAMPTZ)": (
+        "BIGINT LANGUAGE sql IMMUTABLE PARALLEL SAFE",
+        "SELECT CAST(extract(epoch FROM t - TIMESTAMPTZ '1970-01-01 00:00:00+00') * 1000000 "
+        "AS BIGINT)",
+    ),
+    # the instant that many microseconds after the epoch
+    "make_timestamptz(us BIGINT)": (
+        "TIMESTAMPTZ LANGUAGE sql IMMUTABLE PARALLEL SAFE",
+        "SELECT timezone('UTC', TIMESTAMP '1970-01-01 00:00:00' "
+        "+ (us / 1000000) * INTERVAL '1 second' + (us % 1000000) * INTERVAL '1 microsecond')",
+    ),
+    # DuckDB's format codes %Y %m %d %H %M %S %g (milliseconds) %f (microseconds) and %%; the
+    # rest of the format is text, quoted for to_char
+    "strftime(t TIMESTAMP, format TEXT)": (
+        "TEXT LANGUAGE sql STABLE PARALLEL SAFE",
+        "SELECT to_char(t, '\"' || replace(replace(replace(replace(replace(replace(replace("
+        "replace(replace(replace(replace(replace(format, '\\', '\\\\'), '\"', '\\\"'), "
+        "'%%', chr(1)), '%Y', '\"YYYY\"'), '%m', '\"MM\"'), '%d', '\"DD\"'), "
+        "'%H', '\"HH24\"'), '%M', '\"MI\"'), '%S', '\"SS\"'), '%g', '\"MS\"'), "
+        "'%f', '\"US\"'), chr(1), '%') || '\"')",
+    ),
+}
+# What else the declared SQL needs here: an index finding a request's rows by its key, for the
+# copies of resumed sessions each usage commit lists again (flows/request_copies.py).
+_INDEXES: dict[str, tuple[str, str]] = {
+    "usage_requests_raw_by_request": (
+        "usage_requests_raw",
+        "CREATE INDEX IF NOT EXISTS usage_requests_raw_by_request "
+        "ON usage_requests_raw ((coalesce(message_id, '')), (coalesce(request_id, '')))",
+    ),
+}
+
+
+def _function_sql(signature: str) -> str:
+    returns, body = FUNCTIONS[signature]
+    return f"CREATE OR REPLACE FUNCTION {signature} RETURNS {returns} AS $body${body}$body$"
+
+
+def _missing_functions(con: PostgresConnection) -> list[str]:
+    """The functions above not in the current schema as written here (missing, or made by
+    another version)."""
+    rows = con.execute(
+        "SELECT p.proname, p.prosrc FROM pg_proc p "
+        "WHERE p.pronamespace = to_regnamespace(current_schema())::OID "
+        "AND p.proname = ANY($1::TEXT[])",
+        [sorted({signature.split("(")[0] for signature in FUNCTIONS})],
+    ).fetchall()
+    bodies = {(name, body) for name, body in rows}
+    return [
+        signature
+        for signature, (_, body) in FUNCTIONS.items()
+        if (signature.split("(")[0], body) not in bodies
+    ]
+
+
 def prepare(con: PostgresConnection) -> None:
-    """What the declared views need here: the indexes a DELETE by session needs (a DuckDB
-    table scan is cheap, a PostgreSQL one is not) are made per table by `after_table`."""
+    """What the declared views need here, before they are made: the DuckDB functions they
+    call (made only when missing or changed: this runs at every run's start, and runs that
+    start at once take turns), and the usage tables' index by request. The indexes a DELETE by
+    session needs are made per table by `after_table`."""
+    if _missing_functions(con):
+        classid, objid = _lock_key(f"{_schema(con)}/functions")
+        key = (classid << 32) | objid
+        key = key - (1 << 64) if key >= 1 << 63 else key
+        con.execute("SELECT pg_advisory_xact_lock($1::BIGINT)", [key])
+        for signature in _missing_functions(con):
+            con.execute(_function_sql(signature))
+    for index, (table, sql) in _INDEXES.items():
+        row = con.execute(
+            "SELECT to_regclass($1::TEXT) IS NULL AND to_regclass($2::TEXT) IS NOT NULL",
+            [index, table],
+        ).fetchone()
+        if row and row[0]:  # (asked first: CREATE INDEX IF NOT EXISTS locks the table)
+            con.execute(sql)
 
 
 def after_table(con: PostgresConnection, table: Table) -> None:

@@ -527,7 +527,7 @@ def test_usage_tables_of_an_older_version_become_views_and_are_refilled(
     with connect(db) as con:
         migrate(con)
         for name in ("usage_requests", "usage_sessions"):
-            ddl = f"CREATE TABLE {name} (session_file VARCHAR, cost_usd DOUBLE)"
+            ddl = f"CREATE TABLE {name} (session_file VARCHAR, cost_usd DOUBLE PRECISION)"
             con.execute(ddl)
             con.execute(f"INSERT INTO {name} VALUES ('alice/s1.jsonl', 1.0)")
             con.execute(

@@ -190,7 +190,36 @@ _offsets = st.one_of(
 @settings(max_examples=40, deadline=None)  # each example is a pipeline run
 @given(st.lists(_offsets, min_size=1, max_size=40), st.lists(_offsets, max_size=10))
 def test_blocks_follow_ccusage_rule(alice: list[int], bob: list[int]) -> None:
-    with pytest.MonkeyPatch.context() as mp, _tmp() as root:
+    with _tmp() as root:
+        _blocks_follow_ccusage_rule(root, root / "s.duckdb", alice, bob)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(_offsets, min_size=1, max_size=40), st.lists(_offsets, max_size=10))
+def test_blocks_follow_ccusage_rule_on_postgresql(
+    postgres_url: str, alice: list[int], bob: list[int]
+) -> None:
+    """The same SQL on PostgreSQL (its integer division, RANGE frames, recursion), a schema
+    per example."""
+    import uuid
+
+    import psycopg
+
+    from state.db import location
+    from tests.conftest import postgres_schema_url
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    try:
+        with _tmp() as root:
+            db = location(postgres_schema_url(postgres_url, name))
+            _blocks_follow_ccusage_rule(root, db, alice, bob)
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as con:
+            con.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def _blocks_follow_ccusage_rule(root: Path, db: Any, alice: list[int], bob: list[int]) -> None:
+    with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SESSION_PIPELINE_READ_PROCESSES", "1")
         times = {
             "alice": [BASE + timedelta(minutes=m) for m in alice],
@@ -200,9 +229,9 @@ def test_blocks_follow_ccusage_rule(alice: list[int], bob: list[int]) -> None:
             if ts:
                 lines = [request_line(t, f"{user}{n}") for n, t in enumerate(ts)]
                 write_session(root / "data", f"{user}/s-{user}.jsonl", lines)
-        run_direct(UsageProcessor(), root / "data", root / "s.duckdb", max_attempts=1)
+        run_direct(UsageProcessor(), root / "data", db, max_attempts=1)
         got = rows(
-            root / "s.duckdb",
+            db,
             "SELECT username, block_start, requests, block_end - block_start FROM usage_blocks"
             " ORDER BY username, block_start",
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,13 +18,14 @@ from state.store import forget_missing
 from tests.transcripts import Transcript, text, usage
 
 # The reference: rank every request's copies (the view's rule before this table existed).
+# (SQL DuckDB and PostgreSQL both run: the same tests run on each.)
 RANKED = """SELECT session_file, message_id, request_id FROM (
     SELECT session_file, message_id, request_id, row_number() OVER (
         PARTITION BY message_id, request_id ORDER BY
         CASE WHEN stop_reason IS NULL THEN 1 ELSE 0 END, output_tokens DESC NULLS LAST,
-        session_file) AS copy_rank
-    FROM usage_requests) WHERE copy_rank = 1 ORDER BY ALL"""
-UNIQUE = "SELECT session_file, message_id, request_id FROM usage_requests_unique ORDER BY ALL"
+        session_file COLLATE "C") AS copy_rank
+    FROM usage_requests) ranked WHERE copy_rank = 1 ORDER BY 1, 2, 3"""
+UNIQUE = "SELECT session_file, message_id, request_id FROM usage_requests_unique ORDER BY 1, 2, 3"
 
 # A pool of requests the sessions draw from: a request in two sessions is a resumed copy.
 POOL = [(f"msg_{n:03d}", f"req_{n:03d}" if n % 5 else None) for n in range(12)]
@@ -49,7 +51,7 @@ def _write(path: Path, picks: list[tuple[int, int, bool]]) -> Transcript:
     return t
 
 
-def _unique_is_exact(db: Path) -> None:
+def _unique_is_exact(db: Any) -> None:
     with connect(db, read_only=True) as con:
         assert con.execute(UNIQUE).fetchall() == con.execute(RANKED).fetchall()
 
@@ -78,10 +80,47 @@ def test_unique_requests_follow_every_change(
 ) -> None:
     """Sessions written, then rewritten, grown (read as increments) or deleted, then the
     deleted ones forgotten: after each step the kept copies are exactly a full ranking's."""
+    root = tmp_path_factory.mktemp("copies")  # type: ignore[attr-defined]
+    _follow_every_change(root, root / "state.duckdb", first, second)
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    first=st.lists(session_contents, min_size=2, max_size=5),
+    second=st.lists(
+        st.one_of(st.none(), session_contents, st.tuples(st.just("grow"), session_contents)),
+        min_size=2,
+        max_size=5,
+    ),
+)
+def test_unique_requests_follow_every_change_on_postgresql(
+    tmp_path_factory: object, postgres_url: str, first: list, second: list
+) -> None:
+    """The same on PostgreSQL (its own SQL for the copies of a commit's keys), a schema per
+    example."""
+    import uuid
+
+    import psycopg
+
+    from state.db import location
+    from tests.conftest import postgres_schema_url
+
+    root = tmp_path_factory.mktemp("copies_pg")  # type: ignore[attr-defined]
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    try:
+        db = location(postgres_schema_url(postgres_url, name))
+        _follow_every_change(root, db, first, second)
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as con:
+            con.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def _follow_every_change(root: Path, db: Any, first: list, second: list) -> None:
     from flows import request_copies
 
-    root = tmp_path_factory.mktemp("copies")  # type: ignore[attr-defined]
-    data_dir, db = root / "sessions", root / "state.duckdb"
+    data_dir = root / "sessions"
     paths = [data_dir / f"u{i % 2}" / f"s{i}.jsonl" for i in range(len(first))]
     transcripts = [_write(path, picks) for path, picks in zip(paths, first, strict=True)]
     run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
@@ -101,13 +140,15 @@ def test_unique_requests_follow_every_change(
     shutil.rmtree(root, ignore_errors=True)
 
 
-def test_a_state_from_before_fills_the_table_from_every_request(tmp_path: Path) -> None:
-    data_dir, db = tmp_path / "sessions", tmp_path / "state.duckdb"
+def test_a_state_from_before_fills_the_table_from_every_request(
+    tmp_path: Path, state_db: Any
+) -> None:
+    data_dir, db = tmp_path / "sessions", state_db
     _write(data_dir / "u/a.jsonl", [(1, 10, True), (2, 20, True)])
     _write(data_dir / "u/b.jsonl", [(1, 30, True), (3, 5, True)])
     run_direct(UsageProcessor(), data_dir, db, max_attempts=3)
     with connect(db) as con:
-        con.execute("DROP TABLE usage_request_copies")  # as a state made before it
+        con.execute("DROP TABLE usage_request_copies CASCADE")  # as a state made before it
     run_direct(UsageProcessor(), data_dir, db, max_attempts=3)  # nothing to read: views made
     _unique_is_exact(db)
     with connect(db, read_only=True) as con:
