@@ -3,11 +3,17 @@
 `report daily|monthly|sessions|blocks|tools` prints a table for people (thousands separators,
 dollars to the cent, a totals row, `*` on a cost that leaves out requests of a model without
 a price), or `--json` (the daily and monthly totals under ccusage's keys) or `--csv`.
-`export RELATION` streams a usage table or view out with DuckDB's own COPY.
+`export RELATION` streams a usage table or view out with DuckDB's own COPY (on a PostgreSQL
+state: the rows read from PostgreSQL, written by an in-memory DuckDB, the same files).
 
 Both only read: the state database is opened read-only, for as short a time as the query
 takes; a run holding it makes them wait a few seconds at most, then say so in one line. Neither
 imports Prefect. Register them on the command line with `register(commands)`.
+
+On a PostgreSQL state (`SESSION_PIPELINE_DB=postgresql://…`) the reports run the same SQL
+(processors/usage_reports.py, translated by the backend's `dialect`) and print the same output:
+the JSON DuckDB makes there is made by PostgreSQL's `json_build_object` here, and times come
+back in the zone DuckDB's client uses (this machine's).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import orjson
 from processors import usage_reports as sql
 from state import config
 from state.config import ConfigError
-from state.db import StateError, connect
+from state.db import DATABASE_ERRORS, StateError, backend, connect
 
 KINDS = ("daily", "monthly", "sessions", "blocks", "tools")
 # A report waits this long at most for a run's lock (runs hold it for a commit, about a second).
@@ -146,7 +152,28 @@ def _reading(flag: str | None) -> Iterator[duckdb.DuckDBPyConnection]:
     db = _existing_db(flag)
     wait = min(config.lock_timeout(), LOCK_WAIT_SECONDS)
     with connect(db, read_only=True, lock_timeout=wait) as con:
+        if _on_postgres(con):
+            _local_times(con)
         yield con
+
+
+def _on_postgres(con: Any) -> bool:
+    return bool(backend(con).NAME == "postgresql")
+
+
+def _local_times(con: Any) -> None:
+    """Times come back from PostgreSQL in this machine's zone, as DuckDB's client gives them
+    (its `TimeZone`, this machine's by default), so the same report prints the same times.
+    (UTC when PostgreSQL does not know the zone.)"""
+    try:
+        con.execute("SELECT set_config('TimeZone', ?, false)", [local_zone()])
+    except DATABASE_ERRORS:
+        con.execute("SELECT set_config('TimeZone', 'UTC', false)")
+
+
+def _sql(con: Any, text: str) -> str:
+    """The reports' SQL (DuckDB's) in the connection's dialect."""
+    return str(backend(con).dialect(text))
 
 
 def _relations(con: duckdb.DuckDBPyConnection) -> set[str]:
@@ -154,7 +181,7 @@ def _relations(con: duckdb.DuckDBPyConnection) -> set[str]:
         name
         for (name,) in con.execute(
             "SELECT table_name FROM information_schema.tables "
-            "WHERE table_catalog = current_database() AND table_schema = 'main'"
+            "WHERE table_catalog = current_database() AND table_schema = current_schema()"
         ).fetchall()
     }
 
@@ -200,7 +227,7 @@ def _filters(
         clauses.append("username = ?")
         params.append(args.user)
     if model and args.model:
-        clauses.append("contains(lower(model), lower(?))")
+        clauses.append("strpos(lower(model), lower(?)) > 0")
         params.append(args.model)
     return " AND ".join(clauses), params
 
@@ -314,10 +341,10 @@ def _token_cells(row: dict[str, Any]) -> list[str]:
 
 def _dicts(con: duckdb.DuckDBPyConnection, text: str, params: Sequence[Any]) -> list[dict]:
     try:
-        cursor = con.execute(text, list(params))
+        cursor = con.execute(_sql(con, text), list(params))
         names = [d[0] for d in cursor.description or []]
         return [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
-    except duckdb.Error as error:
+    except DATABASE_ERRORS as error:
         raise StateError(str(error).splitlines()[0]) from None
 
 
@@ -399,7 +426,7 @@ def _period_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> 
         header=header,
         rows=table,
         numeric=2,
-        unpriced=int(total["unpriced_requests"]) if total else 0,
+        unpriced=int(total["unpriced_requests"] or 0) if total else 0,
     )
 
 
@@ -419,7 +446,7 @@ _SESSION_JSON = (
     ("username", "username"),
     ("firstActivity", "first_request_at"),
     ("lastActivity", "last_request_at"),
-    ("modelsUsed", "coalesce(models, []::VARCHAR[])"),
+    ("modelsUsed", "coalesce(models, CAST(ARRAY[] AS VARCHAR[]))"),
     ("requests", "requests::BIGINT"),
     *_TOKEN_JSON,
 )
@@ -431,7 +458,21 @@ _SESSION_TOTALS_JSON = (
 
 
 def _struct(fields: Sequence[tuple[str, str]]) -> str:
-    return "{" + ", ".join(f"'{name}': {expr}" for name, expr in fields) + "}"
+    return "to_json({" + ", ".join(f"'{name}': {expr}" for name, expr in fields) + "})"
+
+
+def _json_object(fields: Sequence[tuple[str, str]]) -> str:
+    """`_struct`'s JSON as PostgreSQL makes it."""
+    return "json_build_object(" + ", ".join(f"'{name}', {expr}" for name, expr in fields) + ")"
+
+
+def _compact(doc: str, doubles: frozenset[str]) -> str:
+    """PostgreSQL's JSON of a record as DuckDB writes it: compact, DOUBLEs with a fraction."""
+    record = orjson.loads(doc)
+    for name in doubles & record.keys():
+        if isinstance(record[name], int):
+            record[name] = float(record[name])
+    return orjson.dumps(record).decode()
 
 
 def _json_document(
@@ -441,25 +482,36 @@ def _json_document(
     params: Sequence[Any],
     fields: Sequence[tuple[str, str]],
     totals: Sequence[tuple[str, str]],
-    order: str,
+    order: Sequence[str],
 ) -> bytes:
     """`{key: [records], "totals": {…}}` made by DuckDB from the rows of `query` (the totals
-    left out when there are none), in `order` (columns of `query`)."""
+    left out when there are none), in `order` (columns of `query`; text in bytes' order)."""
+    text_columns = {"session", "username"}
+    order_by = ", ".join(f'{c} COLLATE "C"' if c in text_columns else c for c in order)
+    postgres = _on_postgres(con)
+    make = _json_object if postgres else _struct
     try:
         rows = con.execute(
-            f"""WITH s AS MATERIALIZED ({query})
+            _sql(
+                con,
+                f"""WITH s AS MATERIALIZED ({query})
             SELECT * FROM (
-                SELECT 0 AS part, to_json({_struct(fields)}) AS doc, {order} FROM s
+                SELECT 0 AS part, {make(fields)} AS doc, {", ".join(order)} FROM s
                 UNION ALL
-                SELECT 1, to_json({_struct(totals)}), {", ".join("NULL" for _ in order.split(","))}
+                SELECT 1, {make(totals)}, {", ".join("NULL" for _ in order)}
                 FROM s HAVING count(*) > 0
-            ) ORDER BY part, {order}""",
+            ) documents ORDER BY part, {order_by}""",
+            ),
             list(params),
         ).fetchall()
-    except duckdb.Error as error:
+    except DATABASE_ERRORS as error:
         raise StateError(str(error).splitlines()[0]) from None
     records = [row[1] for row in rows if row[0] == 0]
     summed = [row[1] for row in rows if row[0] == 1]
+    if postgres:
+        doubles = frozenset(name for name, expr in (*fields, *totals) if expr.endswith("DOUBLE"))
+        records = [_compact(doc, doubles) for doc in records]
+        summed = [_compact(doc, doubles) for doc in summed]
     text = f'{{"{key}": [\n' + ",\n".join(records) + "\n]"
     if summed:
         text += ', "totals": ' + summed[0]
@@ -491,7 +543,7 @@ def _sessions_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -
             params,
             _SESSION_JSON,
             _SESSION_TOTALS_JSON,
-            "last_request_at, session",
+            ("last_request_at", "session"),
         )
         sys.stdout.buffer.write(document)
         return
@@ -573,11 +625,11 @@ def _blocks_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> 
             [*params, *outer_params],
             _BLOCK_JSON,
             _BLOCK_TOTALS_JSON,
-            "block_start, username",
+            ("block_start", "username"),
         )
         sys.stdout.buffer.write(document)
         return
-    text += " ORDER BY block_start, username"
+    text += ' ORDER BY block_start, username COLLATE "C"'
     blocks = _dicts(con, text, [*params, *outer_params])
     records = [
         {
@@ -638,7 +690,8 @@ def _tools_report(args: argparse.Namespace, con: duckdb.DuckDBPyConnection) -> N
     where, params = _filters(args, zone)
     tools = _dicts(
         con,
-        f"SELECT * FROM ({sql.tools_sql(where)}) ORDER BY event_type, calls DESC, name",
+        f"SELECT * FROM ({sql.tools_sql(where)}) tools "
+        'ORDER BY event_type COLLATE "C", calls DESC, name COLLATE "C"',
         params,
     )
     records = [
@@ -734,7 +787,7 @@ def _columns(con: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]:
     return dict(
         con.execute(
             "SELECT column_name, data_type FROM information_schema.columns "
-            "WHERE table_catalog = current_database() AND table_schema = 'main' "
+            "WHERE table_catalog = current_database() AND table_schema = current_schema() "
             "AND table_name = ? ORDER BY ordinal_position",
             [relation],
         ).fetchall()
@@ -766,7 +819,7 @@ def _export_query(
         raise ConfigError(f"{relation} has no time column: --since/--until cannot filter it")
     _, zone = _zone(args.timezone)
     clauses, params = [], []
-    if columns[column] == "DATE":  # day, month: compared as dates (a month is its first day)
+    if columns[column].upper() == "DATE":  # day, month: compared as dates (a month: 1st day)
         if args.since:
             clauses.append(f"{column} >= ?")
             start = args.since.replace(day=1) if column == "month" else args.since
@@ -815,11 +868,89 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _copy(
     con: duckdb.DuckDBPyConnection, query: str, params: list[Any], path: Path, fmt: str
 ) -> None:
+    if _on_postgres(con):
+        _copy_from_postgres(con, query, params, path, fmt)
+        return
     target = str(path).replace("'", "''")
     try:
         con.execute(f"COPY ({query}) TO '{target}' {FORMATS[fmt]}", params)
     except duckdb.Error as error:
         raise StateError(f"export to {path} failed: {str(error).splitlines()[0]}") from None
+
+
+# PostgreSQL's types as DuckDB reads them back (any other: its text).
+_DUCKDB_TYPES = {
+    "character varying": "VARCHAR",
+    "text": "VARCHAR",
+    "bigint": "BIGINT",
+    "integer": "INTEGER",
+    "smallint": "SMALLINT",
+    "double precision": "DOUBLE",
+    "real": "FLOAT",
+    "boolean": "BOOLEAN",
+    "timestamp with time zone": "TIMESTAMPTZ",
+    "timestamp without time zone": "TIMESTAMP",
+    "date": "DATE",
+}
+
+
+def _literal(value: Any) -> str:
+    """A --since/--until bound as SQL text (PostgreSQL's COPY takes no parameters): a date or
+    an aware datetime, made by this module, never text a user typed."""
+    if isinstance(value, datetime):
+        return f"CAST('{value.isoformat()}' AS TIMESTAMPTZ)"
+    if isinstance(value, date):
+        return f"CAST('{value.isoformat()}' AS DATE)"
+    raise TypeError(f"not a date: {value!r}")
+
+
+def _copy_from_postgres(con: Any, query: str, params: list[Any], path: Path, fmt: str) -> None:
+    """The rows of `query` in PostgreSQL, written by an in-memory DuckDB as the embedded
+    backend writes them: PostgreSQL's COPY streams them as CSV (times in UTC) to a file of our
+    own, DuckDB reads it back with the relation's column types and COPYs it out."""
+    relation = re.fullmatch(r'SELECT \* FROM "([a-z_][a-z0-9_]*)".*', query, re.S)
+    if relation is None:
+        raise StateError(f"cannot export {query!r} from PostgreSQL")
+    types = {
+        name: _DUCKDB_TYPES.get(kind.lower(), "VARCHAR")
+        for name, kind in _columns(con, relation.group(1)).items()
+    }
+    text = query
+    for value in params:  # only `?` placeholders of _export_query, in order
+        text = text.replace("?", _literal(value), 1)
+    with tempfile.TemporaryDirectory(prefix="session-pipeline-export-") as folder:
+        rows = Path(folder) / "rows.csv"
+        try:
+            con.execute("BEGIN TRANSACTION READ ONLY")
+            try:
+                con.execute("SET LOCAL TimeZone = 'UTC'")
+                with (
+                    rows.open("wb") as out,
+                    con.raw.cursor().copy(f"COPY ({text}) TO STDOUT (FORMAT csv, HEADER)") as copy,
+                ):
+                    for chunk in copy:
+                        out.write(chunk)
+            finally:
+                con.execute("ROLLBACK")
+        except DATABASE_ERRORS as error:
+            raise StateError(f"export to {path} failed: {str(error).splitlines()[0]}") from None
+        except Exception as error:  # psycopg's own, raised by the COPY outside execute()
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise StateError(f"export to {path} failed: {first}") from None
+        columns = ", ".join(f"'{name}': '{kind}'" for name, kind in types.items())
+        source = str(rows).replace("'", "''")
+        target = str(path).replace("'", "''")
+        writer = duckdb.connect()
+        try:
+            writer.execute(
+                f"COPY (SELECT * FROM read_csv('{source}', header = true, columns = {{{columns}}}, "
+                "delim = ',', quote = '\"', escape = '\"', allow_quoted_nulls = false, "
+                f"auto_detect = false)) TO '{target}' {FORMATS[fmt]}"
+            )
+        except duckdb.Error as error:
+            raise StateError(f"export to {path} failed: {str(error).splitlines()[0]}") from None
+        finally:
+            writer.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ import duckdb
 from processors import usage_reports as sql
 from state import config
 from state.config import ConfigError
-from state.db import StateError, connect, processor_lock, transaction
+from state.db import StateError, backend, connect, processor_lock, transaction
 
 ENV = "USAGE_EVENTS_RETENTION_DAYS"
 USAGE_TABLES = ("usage_requests_raw", "usage_events", "usage_rollup_archive", "usage_retention")
@@ -86,12 +86,14 @@ def prune(
     if previous is not None and previous > cutoff:
         cutoff = previous
     archived = _archived(con)
-    con.execute(sql.archive_sql(), [now, cutoff])
+    con.execute(backend(con).dialect(sql.archive_sql()), [now, cutoff])
     archived = _archived(con) - archived
     requests = _deleted(con, "usage_requests_raw", cutoff)
     events = _deleted(con, "usage_events", cutoff)
     con.execute(
-        "INSERT OR REPLACE INTO usage_retention (id, cutoff, days, applied_at) VALUES (1, ?, ?, ?)",
+        "INSERT INTO usage_retention (id, cutoff, days, applied_at) VALUES (1, ?, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET cutoff = EXCLUDED.cutoff, days = EXCLUDED.days, "
+        "applied_at = EXCLUDED.applied_at",
         [cutoff, days, now],
     )
     return RetentionResult(
@@ -110,7 +112,16 @@ def _archived(con: duckdb.DuckDBPyConnection) -> int:
 
 
 def _deleted(con: duckdb.DuckDBPyConnection, table: str, cutoff: datetime) -> int:
-    row = con.execute(f"DELETE FROM {table} WHERE occurred_at < ?", [cutoff]).fetchone()
+    """Delete the rows of `table` older than `cutoff`; how many. (DuckDB's DELETE answers
+    with the count; PostgreSQL's with nothing, so the deleted rows are counted there.)"""
+    if backend(con).NAME == "postgresql":
+        row = con.execute(
+            f"WITH gone AS (DELETE FROM {table} WHERE occurred_at < ? RETURNING 1) "
+            "SELECT count(*) FROM gone",
+            [cutoff],
+        ).fetchone()
+    else:
+        row = con.execute(f"DELETE FROM {table} WHERE occurred_at < ?", [cutoff]).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -155,7 +166,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             name
             for (name,) in con.execute(
                 "SELECT table_name FROM information_schema.tables "
-                "WHERE table_catalog = current_database() AND table_schema = 'main'"
+                "WHERE table_catalog = current_database() AND table_schema = current_schema()"
             ).fetchall()
         }
         if not set(USAGE_TABLES) <= tables:

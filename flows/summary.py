@@ -1,5 +1,7 @@
 """What a processor's run tells people in the Prefect UI beyond its figures: who used what,
-without SQL. One markdown document per processor that has one (`SUMMARIES`)."""
+without SQL. One markdown document per processor that has one (`SUMMARIES`). Its SQL runs on
+DuckDB and PostgreSQL alike (text ordered by bytes, `COLLATE "C"`, whatever the database's
+collation)."""
 
 from __future__ import annotations
 
@@ -37,18 +39,21 @@ def usage_summary(con: duckdb.DuckDBPyConnection) -> str:
                count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced
         FROM usage_requests_unique
         WHERE occurred_at > $1
-        GROUP BY 1 ORDER BY cost DESC NULLS LAST, requests DESC
+        GROUP BY 1 ORDER BY cost DESC NULLS LAST, requests DESC, username COLLATE "C"
         """,
         [since],
     ).fetchall()
     tools = con.execute(
         f"""
-        SELECT coalesce(skill_name, subagent_type, mcp_server || '/' || mcp_tool,
-                        '/' || command_name, tool_name) AS name,
-               event_type, count(*) AS calls, count(*) FILTER (WHERE is_error) AS errors
-        FROM usage_events
-        WHERE occurred_at > $1
-        GROUP BY 1, 2 ORDER BY calls DESC, name LIMIT {TOP_TOOLS}
+        SELECT * FROM (
+            SELECT coalesce(skill_name, subagent_type, mcp_server || '/' || mcp_tool,
+                            '/' || command_name, tool_name) AS name,
+                   event_type, count(*) AS calls, count(*) FILTER (WHERE is_error) AS errors
+            FROM usage_events
+            WHERE occurred_at > $1
+            GROUP BY 1, 2
+        ) tools
+        ORDER BY calls DESC, name COLLATE "C", event_type COLLATE "C" LIMIT {TOP_TOOLS}
         """,
         [since],
     ).fetchall()

@@ -15,7 +15,7 @@ import pytest
 from flows.pipeline import run_direct
 from flows.report import main as report_main
 from flows.retention import ENV, apply_retention, main, prune, retention_days
-from processors.usage import UsageProcessor
+from processors.usage import USAGE_SESSIONS, UsageProcessor
 from state.config import ConfigError
 from state.db import connect, transaction
 from tests.conftest import EXAMPLES
@@ -23,9 +23,14 @@ from tests.conftest import EXAMPLES
 # Splits bob's 2026-11-12 session (10:05 to 10:07) and its 15-minute bucket.
 CUTOFF = datetime(2026, 11, 12, 10, 6, 30, tzinfo=UTC)
 OVERRIDE = (
-    "INSERT OR REPLACE INTO usage_price_overrides (model, input_per_mtok, output_per_mtok, note) "
-    "VALUES ('claude-opus-4-5', 7.0, 31.0, 'test')"
+    "INSERT INTO usage_price_overrides (model, input_per_mtok, output_per_mtok, note) "
+    "VALUES ('claude-opus-4-5', 7.0, 31.0, 'test') ON CONFLICT (model) DO UPDATE SET "
+    "input_per_mtok = EXCLUDED.input_per_mtok, output_per_mtok = EXCLUDED.output_per_mtok"
 )
+# (The SQL here runs on DuckDB and PostgreSQL: every test with `sample` runs on both.)
+DAILY = "SELECT * FROM usage_daily ORDER BY 1, 2, 3"
+MONTHLY = "SELECT * FROM usage_monthly ORDER BY 1, 2, 3"
+SESSIONS = f"SELECT {', '.join(USAGE_SESSIONS.column_names)} FROM usage_sessions ORDER BY 1"
 
 
 class BumpedUsage(UsageProcessor):
@@ -33,19 +38,19 @@ class BumpedUsage(UsageProcessor):
 
 
 @pytest.fixture
-def sample(tmp_path: Path) -> tuple[Path, Path]:
-    data_dir, db = tmp_path / "sessions", tmp_path / "state.duckdb"
+def sample(tmp_path: Path, state_db: Any) -> tuple[Path, Any]:
+    data_dir, db = tmp_path / "sessions", state_db
     shutil.copytree(EXAMPLES, data_dir)
     assert run_direct(UsageProcessor(), data_dir, db, max_attempts=3).errors == 0
     return data_dir, db
 
 
-def _rows(db: Path, query: str, *params: Any) -> list[tuple[Any, ...]]:
+def _rows(db: Any, query: str, *params: Any) -> list[tuple[Any, ...]]:
     with connect(db, read_only=True) as con:
         return con.execute(query, list(params)).fetchall()
 
 
-def _report(db: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+def _report(db: Any, capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     assert report_main(["report", *argv, "--db", str(db)]) == 0
     return capsys.readouterr().out
 
@@ -61,16 +66,12 @@ def _rounded(value: Any) -> Any:
     return value
 
 
-def figures(db: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+def figures(db: Any, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     """Every day and month figure, as views and as reports."""
     got: dict[str, Any] = {
-        "daily": _rounded(_rows(db, "SELECT * FROM usage_daily ORDER BY ALL")),
-        "monthly": _rounded(_rows(db, "SELECT * FROM usage_monthly ORDER BY ALL")),
-        "sessions": _rows(
-            db,
-            "SELECT * EXCLUDE (cost_usd, unpriced_requests) FROM usage_sessions"
-            " ORDER BY session_file",
-        ),
+        "daily": _rounded(_rows(db, DAILY)),
+        "monthly": _rounded(_rows(db, MONTHLY)),
+        "sessions": _rows(db, SESSIONS),
         "report daily json": _rounded(
             json.loads(_report(db, capsys, "daily", "--timezone", "UTC", "--json"))
         ),
@@ -86,7 +87,7 @@ def figures(db: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
 
 
 def test_pruning_keeps_daily_and_monthly_figures_and_reread_rows_count_once(
-    sample: tuple[Path, Path],
+    sample: tuple[Path, Any],
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -166,7 +167,7 @@ def test_retention_days_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_apply_retention_unset_or_zero_touches_nothing(
-    sample: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    sample: tuple[Path, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, db = sample
     count = "SELECT count(*) FROM usage_requests_raw"
@@ -183,7 +184,7 @@ def test_apply_retention_unset_or_zero_touches_nothing(
 
 
 def test_prune_command(
-    sample: tuple[Path, Path],
+    sample: tuple[Path, Any],
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
@@ -202,21 +203,21 @@ def test_prune_command(
     newest = _rows(db, "SELECT max(occurred_at) FROM usage_requests_raw")[0][0]
     if newest >= now - timedelta(days=1):
         pytest.skip("the sample sessions are less than a day old on this clock")
-    daily = _rows(db, "SELECT * FROM usage_daily ORDER BY ALL")
+    daily = _rows(db, DAILY)
     sessions = _rows(db, "SELECT count(*) FROM usage_sessions")
     assert main(["prune", "--days", "1", "--db", str(db)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("pruned usage before ") and "request(s) archived" in out
     assert _rows(db, "SELECT count(*) FROM usage_requests_raw") == [(0,)]
     assert _rows(db, "SELECT count(*) FROM usage_events") == [(0,)]
-    assert _rounded(_rows(db, "SELECT * FROM usage_daily ORDER BY ALL")) == _rounded(daily)
+    assert _rounded(_rows(db, DAILY)) == _rounded(daily)
     assert _rows(db, "SELECT count(*) FROM usage_sessions") == sessions
 
 
 def test_a_usage_run_prunes_at_its_end_and_a_bad_setting_stops_it_first(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, state_db: Any
 ) -> None:
-    data_dir, db = tmp_path / "sessions", tmp_path / "state.duckdb"
+    data_dir, db = tmp_path / "sessions", state_db
     shutil.copytree(EXAMPLES, data_dir)
     monkeypatch.setenv(ENV, "soon")
     with pytest.raises(ConfigError):
