@@ -231,10 +231,15 @@ def _processor_names(source_db: Path, processors: list[Processor]) -> list[str]:
 
     names = {p.name for p in processors}
     prefix, suffix = f"{source_db.name}.", ".lock"
-    for path in source_db.parent.glob(f"{prefix}*{suffix}"):
-        name = path.name[len(prefix) : -len(suffix)]
-        if name and lock_path(source_db, name) == path:
-            names.add(name)
+    try:
+        beside = list(source_db.parent.iterdir())
+    except OSError:
+        beside = []
+    for path in beside:  # (not a glob: the file's name may hold `[`, `*` or `?`)
+        if path.name.startswith(prefix) and path.name.endswith(suffix):
+            name = path.name[len(prefix) : -len(suffix)]
+            if name and lock_path(source_db, name) == path:
+                names.add(name)
     return sorted(names)
 
 
