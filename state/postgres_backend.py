@@ -96,6 +96,12 @@ class PostgresDatabase:
         finally:
             con.close()
 
+    def lock_holder(self, processor_name: str) -> str | None:
+        """Who holds the processor's run lock (a connection's `app_name`), without taking it;
+        None when nobody does."""
+        with self.connect(read_only=True, must_exist=False) as con:
+            return _holder(con, *_lock_key(f"{_schema(con)}/{processor_name}"))
+
     @contextmanager
     def processor_lock(self, processor_name: str) -> Iterator[None]:
         """Hold the processor's advisory lock on a connection of its own, or refuse at once."""
@@ -108,13 +114,7 @@ class PostgresDatabase:
             key = key - (1 << 64) if key >= 1 << 63 else key
             got = con.execute("SELECT pg_try_advisory_lock($1::BIGINT)", [key]).fetchone()
             if not (got and got[0]):
-                holder = con.execute(
-                    "SELECT a.application_name, a.client_addr::TEXT FROM pg_locks l "
-                    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-                    "AND l.granted AND l.classid = $1::BIGINT::OID AND l.objid = $2::BIGINT::OID",
-                    [classid, objid],
-                ).fetchone()
-                who = (holder[0] or "another process") if holder else "another process"
+                who = _holder(con, classid, objid) or "another process"
                 from state.hostlock import ProcessorBusyError
 
                 raise ProcessorBusyError(
@@ -124,6 +124,21 @@ class PostgresDatabase:
             yield
         finally:
             raw.close()  # the lock goes with the connection
+
+
+def app_name(host: str | None, pid: int | None) -> str:
+    """How a connection names its process to the server (`pg_stat_activity`, lock holders)."""
+    return f"session-pipeline {host} pid {pid}"[:63]
+
+
+def _holder(con: PostgresConnection, classid: int, objid: int) -> str | None:
+    row = con.execute(
+        "SELECT coalesce(a.application_name, '?') FROM pg_locks l "
+        "LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+        "AND l.granted AND l.classid = $1::BIGINT::OID AND l.objid = $2::BIGINT::OID",
+        [classid, objid],
+    ).fetchone()
+    return str(row[0]) if row else None
 
 
 def _lock_key(text: str) -> tuple[int, int]:
@@ -143,7 +158,7 @@ _LOADERS_READY = threading.Lock()
 def _open(db: PostgresDatabase, *, read_only: bool) -> Any:
     import psycopg
 
-    app = f"session-pipeline {socket.gethostname()} pid {os.getpid()}"[:63]
+    app = app_name(socket.gethostname(), os.getpid())
     try:
         raw = psycopg.connect(
             db.url,
