@@ -181,3 +181,36 @@ def test_doctor_judges_a_run_on_another_host_by_its_lock(pg_db: Any) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_run_leaves_unchanged_views_alone_while_analysts_read_them(
+    pg_db: Any, data_dir: Path
+) -> None:
+    """Replacing a view waits for every query reading it: a run's start must not wait for
+    (and hold up) an analyst's report when its views did not change."""
+    import psycopg
+
+    from flows.pipeline import run_direct
+    from processors.usage import UsageProcessor
+    from state import store
+    from state.db import transaction
+    from tests.conftest import EXAMPLES
+
+    run_direct(UsageProcessor(), EXAMPLES, pg_db, max_attempts=5)
+    with psycopg.connect(str(pg_db)) as analyst:  # a report in progress
+        analyst.execute("SELECT count(*) FROM usage_sessions").fetchone()
+        with connect(pg_db) as con:
+            con.execute("SET lock_timeout = '2s'")
+            with transaction(con):
+                assert store.ensure_outputs(con, UsageProcessor()) == []
+        analyst.rollback()
+
+    class Renamed(UsageProcessor):
+        views = (
+            *UsageProcessor.views,
+            "CREATE OR REPLACE VIEW usage_extra AS SELECT 1 AS one",
+        )
+
+    with connect(pg_db) as con, transaction(con):
+        store.ensure_outputs(con, Renamed())
+        assert con.execute("SELECT one FROM usage_extra").fetchall() == [(1,)]
