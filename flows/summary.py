@@ -6,7 +6,7 @@ collation)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 import duckdb
@@ -57,7 +57,8 @@ def usage_summary(con: duckdb.DuckDBPyConnection) -> str:
         """,
         [since],
     ).fetchall()
-    title = f"# Usage, the {DAYS} days to {newest:%Y-%m-%d %H:%M} UTC"
+    # (in UTC whatever zone the connection gives times in: DuckDB's is this machine's)
+    title = f"# Usage, the {DAYS} days to {newest.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
     lines = [title, "", "| user | requests | tokens | output | cost |"]
     lines.append("|---|---:|---:|---:|---:|")
     for username, requests, tokens, output, cost, unpriced in users:

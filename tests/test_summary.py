@@ -25,6 +25,13 @@ def test_the_latest_week_per_user_and_the_top_tools(tmp_path: Path, db: Path) ->
         ).fetchall()
     lines = markdown.splitlines()
     assert lines[0] == "# Usage, the 7 days to 2026-11-24 08:54 UTC"
+    with connect(db, read_only=True) as con:  # times given in another zone: the title in UTC
+        (zone,) = con.execute("SELECT current_setting('TimeZone')").fetchone()
+        try:
+            con.execute("SET TimeZone = 'America/Los_Angeles'")
+            assert usage_summary(con).splitlines()[0] == lines[0]
+        finally:
+            con.execute(f"SET TimeZone = '{zone}'")
     assert f"| carol | {requests} | 231,601 | {output:,} | $0.13 |" in lines
     assert "| Bash | tool | 2 | 0 | 0.0% |" in lines
     assert "| linear/list_issues | mcp | 1 | 0 | 0.0% |" in lines
