@@ -95,5 +95,7 @@ def test_a_script_without_a_main_guard_still_reads_everything(tmp_path: Path) ->
         },
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "7 0", done.stderr[-2000:]
+    # (the parent's line; a straggling reader child, which runs the script again, may print
+    # its own "0 0" after the parent is done, on a loaded machine)
+    assert "7 0" in done.stdout.strip().splitlines(), done.stderr[-2000:]
     assert "reader processes could not start" in done.stderr
