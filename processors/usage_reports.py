@@ -486,7 +486,9 @@ firsts AS (
 calls AS (  -- each call as its first file has it, an error if any copy is one
     SELECT e.event_type, e.name, e.username, e.session, f.is_error, f.occurred_at
     FROM firsts f
-    JOIN events e ON e.session_file = f.first_file AND e.call_key IS NOT DISTINCT FROM f.call_key
+    JOIN events e ON e.session_file = f.first_file
+        AND coalesce(e.call_key, '') = coalesce(f.call_key, '')
+        AND (e.call_key IS NULL) = (f.call_key IS NULL)  -- (equalities PostgreSQL hashes)
 )
 SELECT event_type, name, calls, errors,
     round(CAST(errors AS DOUBLE PRECISION) / calls, 4) AS error_rate, users,
