@@ -15,9 +15,9 @@ epoch microseconds, so nothing depends on the connection's `TimeZone` setting.
 The SQL runs on DuckDB and on PostgreSQL (state/postgres_backend.py): it keeps to what both
 parse (aliased subqueries, NOT EXISTS, grouping by position, `array_agg`, `COLLATE "C"` where
 text order decides a result, so a PostgreSQL database's collation cannot change it); the few
-DuckDB functions it uses (`epoch_us`, `make_timestamptz(µs)`, `strftime`, `arg_min_null`,
-`round(DOUBLE, n)`) are defined there with DuckDB's results, and its integer division `//` is
-PostgreSQL's `/` on integers (`dialect`).
+DuckDB functions it uses (`epoch_us`, `make_timestamptz(µs)`, `strftime`, `round(DOUBLE, n)`)
+are defined there with DuckDB's results, and its integer division `//` is PostgreSQL's `/` on
+integers (`dialect`).
 """
 
 from __future__ import annotations
