@@ -19,8 +19,8 @@ webhook SIGKILLed); `doctor` on the other host clears what it left, the other ho
 rest, and the tables again equal a clean run.
 
 Needs the PostgreSQL server of the other PostgreSQL tests (`postgres_url` in conftest.py), as
-a user that may create databases; skipped without one. About 3 minutes on an idle 2-core
-machine.
+a user that may create databases; skipped without one. About 3 minutes on 2 cores (2:48 to
+3:40 measured with other test suites running beside it).
 """
 
 from __future__ import annotations
@@ -795,10 +795,11 @@ def _history(cluster: Cluster, flow_run_id: str) -> list[tuple[str, str, str]]:
     return [(s["timestamp"], s["name"], s.get("message") or "") for s in states.json()]
 
 
-def _missing(cluster: Cluster) -> list[str]:
+def _missing(cluster: Cluster, since: datetime) -> list[str]:
     """What phase 1 has yet to see: each processor's completed runs from its schedule and
-    from the webhook, and completed runs on both hosts."""
-    done = [r for r in _ledger(cluster.db) if r.status == "completed"]
+    from the webhook, and completed runs on both hosts, started `since` the first sessions
+    arrived (not the runs that found an empty data dir)."""
+    done = [r for r in _ledger(cluster.db) if r.status == "completed" and r.started_at >= since]
     runs = {r["id"]: r for r in cluster.flow_runs()}
     gaps = []
     for processor in PROCESSORS:
@@ -828,22 +829,26 @@ def test_two_hosts_share_the_work_and_match_a_single_host_run(cluster: Cluster) 
     codes: dict[tuple[str, int], int] = {}
     waves = [cluster.sessions(16) for _ in range(3)]
     next_wave, i, missing = time.monotonic(), 0, ["the arrivals"]
+    closed: dict[str, float] = {}  # what was seen when
     while missing:
         assert time.monotonic() - started < 240, (missing, codes, cluster.diagnostics())
         if waves and time.monotonic() >= next_wave:
+            if len(waves) == 3:
+                first_arrival = datetime.now(UTC)
             cluster.publish(waves.pop(0))
             next_wave += 6
             if not waves:
                 clean = cluster.clean_run()
         if not waves:
-            missing = _missing(cluster)
+            was, missing = missing, _missing(cluster, first_arrival)
+            closed.update({gap: time.monotonic() - started for gap in was if gap not in missing})
         for processor in PROCESSORS:
             if waves or f"a webhook {processor} run" in missing:  # (leave room for the cadence)
                 code = cluster.trigger(hosts[i % 2], processor)
                 codes[processor, code] = codes.get((processor, code), 0) + 1
                 i += 1
         time.sleep(1.0)
-    marks = [f"runs of both kinds on both hosts {time.monotonic() - started:.0f} s"]
+    marks = [f"{gap} {at:.0f} s" for gap, at in sorted(closed.items(), key=lambda c: c[1])]
     cluster.settle(hosts[0])
     marks.append(f"settled {time.monotonic() - started:.0f} s")
 
@@ -961,7 +966,8 @@ def test_a_host_that_dies_mid_run_is_recovered_from_by_the_other(cluster: Cluste
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     said = doctor.stdout
     assert re.search(r"zombie run \S+ \(verification, running\): .*; marked Crashed", said), said
-    assert "leaked slot: session-pipeline-verification" in said, said
+    if time.monotonic() - killed < 40:  # its lease (60 s, renewed every 15 s) had not expired
+        assert "leaked slot: session-pipeline-verification" in said, said
     closed = {r.flow_run_id: r.status for r in _ledger(cluster.db) if r.flow_run_id in dead}
     assert closed[run.flow_run_id] == "crashed", (closed, said)
     limit = _http("GET", f"{cluster.api}/v2/concurrency_limits/session-pipeline-verification")
