@@ -155,6 +155,10 @@ HOSTNAME_SHIM = (
 
 
 def _uts_namespaces() -> bool:
+    """Can we give a process a host name of its own? (Without, the hosts share this one's
+    and are told apart by the worker name Prefect records on each run.)"""
+    if shutil.which("unshare") is None:
+        return False
     probe = subprocess.run(
         ["unshare", "--uts", sys.executable, "-c", HOSTNAME_SHIM, "mh-probe", "/bin/true"],
         capture_output=True,
