@@ -172,7 +172,12 @@ def _open(db: PostgresDatabase, *, read_only: bool) -> Any:
         first = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise StateError(f"cannot reach PostgreSQL at {db.masked}: {first}") from None
     _adapt(raw)
-    raw.execute("SET TIME ZONE 'UTC'")
+    # The server's side of the keepalives too: a host that vanishes without closing its
+    # socket would otherwise keep its run lock for the server's default of over two hours.
+    raw.execute(
+        "SET TIME ZONE 'UTC'; SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; "
+        "SET tcp_keepalives_count = 3; SET tcp_user_timeout = 25000"
+    )
     if read_only:
         raw.execute("SET default_transaction_read_only = on")
     else:

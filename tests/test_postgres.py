@@ -214,3 +214,19 @@ def test_a_run_leaves_unchanged_views_alone_while_analysts_read_them(
     with connect(pg_db) as con, transaction(con):
         store.ensure_outputs(con, Renamed())
         assert con.execute("SELECT one FROM usage_extra").fetchall() == [(1,)]
+
+
+def test_the_server_notices_a_vanished_host_within_seconds(pg_db: Any) -> None:
+    """A host that disappears without closing its sockets (power loss) must not keep its run
+    lock for the server's default keepalive of two hours: every connection, the lock's
+    included, asks the server to probe it after 10 s and give up within about 25 s."""
+    with connect(pg_db) as con:
+        settings = {
+            name: con.execute(f"SHOW {name}").fetchone()
+            for name in ("tcp_keepalives_idle", "tcp_keepalives_count", "tcp_user_timeout")
+        }
+    assert settings == {
+        "tcp_keepalives_idle": ("10",),
+        "tcp_keepalives_count": ("3",),
+        "tcp_user_timeout": ("25000",),
+    }
