@@ -64,7 +64,7 @@ def unreachable(url: str) -> str | None:
             con.execute("SELECT 1")
     except Exception as error:  # any failure is a reason to skip, said in one line
         text = str(error).strip()
-        return text.splitlines()[-1] if text else type(error).__name__
+        return text.splitlines()[0].strip() if text else type(error).__name__
     return None
 
 
@@ -121,7 +121,10 @@ def server_settings(base: str) -> str:
         elif unit == "MB":
             setting = f"{setting} MB"
         parts.append(f"{name} {setting}")
-    where = "this machine (the same cores)" if "127.0.0.1" in base or "localhost" in base else base
+    from state.postgres_backend import PostgresDatabase
+
+    local = "127.0.0.1" in base or "localhost" in base
+    where = "this machine (the same cores)" if local else PostgresDatabase(base).masked
     return f"PostgreSQL {version[0] if version else '?'} on {where}, {', '.join(parts)}"
 
 
@@ -258,7 +261,10 @@ def figure(bench: Bench, number: str) -> list[Row]:
     title = TITLES[number].format(sessions=bench.sizes.sessions)
     why = unreachable(base)
     if why is not None:
-        return bench.skipped(number, title, GOALS[number], f"PostgreSQL at {base}: {why}")
+        from state.postgres_backend import PostgresDatabase
+
+        where = PostgresDatabase(base).masked  # no password in the doc
+        return bench.skipped(number, title, GOALS[number], f"PostgreSQL at {where}: {why}")
     run = {"10": fig10, "11": fig11, "12": fig12}[number]
     return run(bench, base, title)
 
