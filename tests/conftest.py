@@ -187,3 +187,26 @@ def state_db(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     if request.param == "duckdb":
         return tmp_path / "state" / "pipeline.duckdb"
     return request.getfixturevalue("pg_db")
+
+
+# --- the command line, called in-process ----------------------------------------------------
+
+
+def cli_call(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`session-pipeline *argv` in this process: its exit code, stdout and stderr."""
+    from flows.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    """The error a command printed, which must be one line and no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]

@@ -12,22 +12,8 @@ import pytest
 from flows.cli import main
 from state.db import connect
 from state.migrations import migrate
-
-
-def _call(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
+from tests.conftest import cli_call as _call
+from tests.conftest import one_line_error as _one_line_error
 
 
 @pytest.mark.parametrize(

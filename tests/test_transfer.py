@@ -18,7 +18,6 @@ from typing import Any
 import duckdb
 import pytest
 
-from flows.cli import main
 from processors import registry
 from processors.base import Table
 from state import store, transfer
@@ -26,22 +25,8 @@ from state.db import connect, transaction
 from state.hostlock import HostLock
 from state.migrations import LATEST, migrate
 from tests.conftest import EXAMPLES, postgres_schema_url
-
-
-def _call(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
+from tests.conftest import cli_call as _call
+from tests.conftest import one_line_error as _one_line_error
 
 
 def _run_all(capsys: pytest.CaptureFixture[str], db: Any) -> list[dict[str, Any]]:
