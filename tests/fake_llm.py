@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import ssl
 import threading
 import time
 from collections import deque
@@ -101,14 +102,16 @@ Responder = Callable[[Received], Reply]
 
 
 class FakeLLM:
-    """The server. Use as a context manager; `base_url` is `http://127.0.0.1:<port>`.
+    """The server. Use as a context manager; `base_url` is `http://127.0.0.1:<port>`
+    (`https://` when given a server-side `tls` context).
 
     `api_key` is the key it accepts (`x-api-key` for Anthropic, `Authorization: Bearer` for
     OpenAI); None accepts any request, as a self-hosted server without auth does.
     """
 
-    def __init__(self, api_key: str | None = "test-key") -> None:
+    def __init__(self, api_key: str | None = "test-key", tls: ssl.SSLContext | None = None) -> None:
         self.api_key = api_key
+        self.tls = tls
         self.script: deque[Reply] = deque()
         self.responder: Responder | None = None
         self.received: list[Received] = []
@@ -117,6 +120,8 @@ class FakeLLM:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._server.block_on_close = False
+        if tls is not None:  # HTTPS: every accepted connection does the handshake first
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
         )
@@ -124,7 +129,7 @@ class FakeLLM:
     @property
     def base_url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     def queue(self, *replies: Reply) -> None:
         with self._lock:

@@ -5,9 +5,12 @@ the per-session time budget."""
 from __future__ import annotations
 
 import socket
+import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -336,3 +339,38 @@ def test_an_unreachable_server_fails_within_the_budget() -> None:
     assert time.monotonic() - started < 2
     assert f"cannot reach 127.0.0.1:{port}" in str(caught.value)
     assert llm.requests >= 2
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+
+def test_https_trusts_the_ca_setting_of_the_moment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions share one TLS context (building one per session cost 30-50 ms of CPU), yet a
+    CA given by SSL_CERT_FILE is honoured from the next session on, as httpx's default is."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    serving = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    serving.load_cert_chain(cert, key)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with FakeLLM(tls=serving) as server:
+        assert server.base_url.startswith("https://")
+        with anthropic(server, budget=1) as untrusting, pytest.raises(LLMError) as caught:
+            untrusting.complete("s", HI)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value)
+        assert not server.received
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        server.queue(answer("hello"), answer("again"))
+        with anthropic(server) as first, anthropic(server) as second:
+            assert first.complete("s", HI).text == "hello"
+            assert second.complete("s", HI).text == "again"
+            assert first._client._transport._pool._ssl_context is llm.tls_context()  # type: ignore[attr-defined]
+            assert second._client._transport._pool._ssl_context is llm.tls_context()  # type: ignore[attr-defined]
