@@ -206,7 +206,6 @@ def tick_targets() -> list[tuple[Any, str, str]]:
         (store, "ensure_outputs", "tables and views"),
         (store, "load_settled", "load_settled"),
         (pipeline, "scan_changed", "scan"),
-        (store, "present_count", "present_count"),
         (pipeline.Committer, "close", "ledger end"),
     ]
 

@@ -128,7 +128,7 @@ def health(entries: Sequence[Entry], data_dir: Path, db: Database) -> dict[str, 
                 settled[e.name] = set()
                 states[e.name] = store.load_states(con, e.name, failing)
                 continue
-            settled[e.name] = store.load_settled(con, e.name, str(e.processor.version))
+            settled[e.name], _ = store.load_settled(con, e.name, str(e.processor.version))
             unsettled = [f.key for f in found if (f.key, f.size, f.mtime_ns) not in settled[e.name]]
             states[e.name] = store.load_states(con, e.name, sorted({*unsettled, *failing}))
         missing = dict(

@@ -133,7 +133,7 @@ def _plan(
     con: duckdb.DuckDBPyConnection, processor: Processor, data_dir: Path, rebuilt: list[str]
 ) -> Plan:
     version = str(processor.version)
-    settled = store.load_settled(con, processor.name, version)
+    settled, present = store.load_settled(con, processor.name, version)
     changed, scanned = scan_changed(data_dir, settled)
     del settled
     the_plan = Plan()
@@ -149,7 +149,7 @@ def _plan(
     # Every unchanged file is known; when the state knows more sessions than are here, some
     # files are gone: only then is the data dir walked again, for the keys of all of them.
     here = scanned - len(changed) + sum(s.status != "missing" for s in states.values())
-    if store.present_count(con, processor.name) > here:
+    if present > here:
         gone = store.mark_missing(con, processor.name, [f.key for f in scan(data_dir)])
         if gone:
             log.warning(

@@ -598,6 +598,39 @@ def test_workflow_subagents_are_counted_with_their_workflow(data_dir: Path, db: 
     ]
 
 
+def test_a_deleted_session_goes_missing_whatever_its_state_said(data_dir: Path, db: Path) -> None:
+    """A run learns a file is gone by counting the sessions its state knows: a failed session
+    and one read by an older version count too, though neither is settled."""
+    _two_sessions(data_dir)
+    write_session(data_dir, "carol/s3.jsonl", [user_line("four")])
+    failing = Recorder()
+    failing.fail = {"alice/s1.jsonl"}
+    assert _run(failing, data_dir, db)["errors"] == 1
+    (data_dir / "alice/s1.jsonl").unlink()  # gone while its state says error
+    assert _run(Recorder(), data_dir, db)["processed"] == 0
+
+    def states() -> list[tuple[str, str, str]]:
+        return _rows(
+            db,
+            "SELECT session_file, status, processor_version FROM session_processor_state "
+            "ORDER BY 1",
+        )
+
+    assert [row[:2] for row in states()] == [
+        ("alice/s1.jsonl", "missing"),
+        ("bob/s2.jsonl", "ok"),
+        ("carol/s3.jsonl", "ok"),
+    ]
+    (data_dir / "bob/s2.jsonl").unlink()  # gone while read by version 1 only
+    figures = _run(Recorder(version="2"), data_dir, db)
+    assert (figures["scanned"], figures["processed"]) == (1, 1)
+    assert states() == [
+        ("alice/s1.jsonl", "missing", None),  # never read well
+        ("bob/s2.jsonl", "missing", "1"),
+        ("carol/s3.jsonl", "ok", "2"),
+    ]
+
+
 def test_a_deleted_session_keeps_its_rows_as_missing_until_forgotten(
     data_dir: Path, db: Path
 ) -> None:
