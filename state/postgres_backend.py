@@ -14,6 +14,7 @@ never pays for it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -109,12 +110,12 @@ class PostgresDatabase:
         try:
             con = PostgresConnection(raw)
             schema = _schema(con)
-            classid, objid = _lock_key(f"{schema}/{processor_name}")
-            key = (classid << 32) | objid
-            key = key - (1 << 64) if key >= 1 << 63 else key
-            got = con.execute("SELECT pg_try_advisory_lock($1::BIGINT)", [key]).fetchone()
+            name = f"{schema}/{processor_name}"
+            got = con.execute(
+                "SELECT pg_try_advisory_lock($1::BIGINT)", [_advisory_key(name)]
+            ).fetchone()
             if not (got and got[0]):
-                who = _holder(con, classid, objid) or "another process"
+                who = _holder(con, *_lock_key(name)) or "another process"
                 from state.hostlock import ProcessorBusyError
 
                 raise ProcessorBusyError(
@@ -141,10 +142,16 @@ def _holder(con: PostgresConnection, classid: int, objid: int) -> str | None:
     return str(row[0]) if row else None
 
 
+def _advisory_key(text: str) -> int:
+    """The advisory lock key of `text`: a stable 64-bit hash, signed as pg_advisory_lock takes
+    it."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), signed=True)
+
+
 def _lock_key(text: str) -> tuple[int, int]:
-    """Two unsigned 32-bit halves of a stable hash, as pg_locks shows an advisory key."""
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(digest[:4], "big"), int.from_bytes(digest[4:], "big")
+    """The same key as pg_locks shows it: two unsigned 32-bit halves (classid, objid)."""
+    key = _advisory_key(text) % (1 << 64)
+    return key >> 32, key & 0xFFFFFFFF
 
 
 def _schema(con: PostgresConnection) -> str:
@@ -201,8 +208,19 @@ def _identifier(name: str) -> str:
 def _adapt(raw: Any) -> None:
     """Values come back as DuckDB's client gives them: text parameters typed as text, whole
     numbers (a sum of BIGINTs is NUMERIC here, HUGEINT there) as int, JSON as its text."""
-    from psycopg.adapt import Loader
     from psycopg.types.string import StrDumper, TextLoader
+
+    raw.adapters.register_dumper(str, StrDumper)
+    raw.adapters.register_loader("numeric", _number_loader())
+    raw.adapters.register_loader("json", TextLoader)
+    raw.adapters.register_loader("jsonb", TextLoader)
+
+
+@functools.cache
+def _number_loader() -> type:
+    """NUMERIC as DuckDB gives it: a whole number as int, else a float (made once; psycopg is
+    imported only on first use)."""
+    from psycopg.adapt import Loader
 
     class NumberLoader(Loader):
         def load(self, data: Any) -> Any:
@@ -214,10 +232,7 @@ def _adapt(raw: Any) -> None:
                 return int(value) if value.is_integer() and b"." not in text else value
             return int(text)
 
-    raw.adapters.register_dumper(str, StrDumper)
-    raw.adapters.register_loader("numeric", NumberLoader)
-    raw.adapters.register_loader("json", TextLoader)
-    raw.adapters.register_loader("jsonb", TextLoader)
+    return NumberLoader
 
 
 class _Result:
@@ -406,9 +421,7 @@ def prepare(con: PostgresConnection) -> None:
     start at once take turns), and the usage tables' index by request. The indexes a DELETE by
     session needs are made per table by `after_table`."""
     if _missing_functions(con):
-        classid, objid = _lock_key(f"{_schema(con)}/functions")
-        key = (classid << 32) | objid
-        key = key - (1 << 64) if key >= 1 << 63 else key
+        key = _advisory_key(f"{_schema(con)}/functions")
         con.execute("SELECT pg_advisory_xact_lock($1::BIGINT)", [key])
         for signature in _missing_functions(con):
             con.execute(_function_sql(signature))
@@ -584,9 +597,7 @@ def delete_by_key(con: PostgresConnection, table: Table, rows: Columns) -> None:
 @contextmanager
 def migration_lock(con: PostgresConnection) -> Iterator[None]:
     """Hosts that start at once on a new database migrate it one after the other."""
-    classid, objid = _lock_key(f"{_schema(con)}/schema_migrations")
-    key = (classid << 32) | objid
-    key = key - (1 << 64) if key >= 1 << 63 else key
+    key = _advisory_key(f"{_schema(con)}/schema_migrations")
     con.execute("SELECT pg_advisory_lock($1::BIGINT)", [key])
     try:
         yield
