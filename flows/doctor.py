@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -274,15 +275,7 @@ def _judge(
             )
         return _Verdict(True, "starting (no ledger row yet)", None)
     if row.host != host and is_shared(db):
-        # Every host's run holds its processor's advisory lock in the shared database, named
-        # by host and pid: a run whose lock nobody (or another process) holds is gone.
-        from state.postgres_backend import app_name
-
-        holder = db.lock_holder(row.processor)
-        if holder == app_name(row.host, row.pid):
-            return _Verdict(True, f"process {row.pid} on {row.host} holds its lock", row)
-        held = f"{holder} holds it" if holder else "nobody holds it"
-        return _Verdict(False, f"process {row.pid} on {row.host} lost its lock ({held})", row)
+        return _by_lock(row, db)
     if row.host != host:
         return _Verdict(None, f"cannot check (runs on host {row.host})", row)
     if row.pid is None:
@@ -290,6 +283,44 @@ def _judge(
     if process_alive(row.pid, row.started_at):
         return _Verdict(True, f"process {row.pid} is alive", row)
     return _Verdict(False, f"process {row.pid} on {host} is gone", row)
+
+
+def _by_lock(row: LedgerRow, db: Database) -> _Verdict:
+    """Every host's run holds its processor's advisory lock in the shared database, named by
+    host and pid: a run whose lock nobody (or another process) holds is gone."""
+    from state.postgres_backend import app_name
+
+    holder = db.lock_holder(row.processor)
+    if holder == app_name(row.host, row.pid):
+        return _Verdict(True, f"process {row.pid} on {row.host} holds its lock", row)
+    held = f"{holder} holds it" if holder else "nobody holds it"
+    return _Verdict(False, f"process {row.pid} on {row.host} lost its lock ({held})", row)
+
+
+def stale_ledger(
+    rows: Sequence[LedgerRow], watched: AbstractSet[str], db: Database, host: str
+) -> list[RunFinding]:
+    """Ledger rows left 'running' by a process that is gone, whose flow run is over (Crashed
+    by `doctor` elsewhere or by an automation) or that had none (a command-line run): `status`
+    and the webhook would otherwise count them as going forever. A process of this host is
+    looked up here; one of another host, by its lock when the state is shared."""
+    found = []
+    for row in rows:
+        if row.status != "running" or row.flow_run_id in watched or row.pid is None:
+            continue
+        if row.host == host:
+            if process_alive(row.pid, row.started_at):
+                continue
+            reason = f"process {row.pid} on {host} is gone"
+        elif is_shared(db):
+            verdict = _by_lock(row, db)
+            if verdict.alive:
+                continue
+            reason = verdict.reason
+        else:
+            continue
+        found.append(RunFinding(row.processor, row.flow_run_id, row.run_id, "running", reason))
+    return found
 
 
 def _active_runs(api: PrefectAPI, processor: str) -> list[dict[str, Any]]:
@@ -337,27 +368,9 @@ def _doctor(db: Database, api: PrefectAPI, fix: bool) -> DoctorReport:
                     report.crashed.append(run["id"])
                     if verdict.ledger is not None:
                         dead_rows.append(verdict.ledger.run_id)
-    # Ledger rows left 'running' by a local process that is gone, whose flow run is over (or
-    # that had none): `status` and the webhook would otherwise count them as going forever.
-    for row in rows:
-        if (
-            row.status != "running"
-            or row.flow_run_id in watched
-            or row.host != host
-            or row.pid is None
-            or process_alive(row.pid, row.started_at)
-        ):
-            continue
-        report.stale_ledger.append(
-            RunFinding(
-                row.processor,
-                row.flow_run_id,
-                row.run_id,
-                "running",
-                f"process {row.pid} on {host} is gone",
-            )
-        )
-        dead_rows.append(row.run_id)
+    for finding in stale_ledger(rows, watched, db, host):
+        report.stale_ledger.append(finding)
+        dead_rows.append(finding.name)
     if fix and dead_rows:
         try:
             report.ledger_closed.extend(close_ledger_rows(db, dead_rows))

@@ -153,7 +153,7 @@ def test_doctor_judges_a_run_on_another_host_by_its_lock(pg_db: Any) -> None:
     host tells whether that run is alive: only a live run holds its processor's lock."""
     from datetime import UTC, datetime
 
-    from flows.doctor import LedgerRow, _judge
+    from flows.doctor import LedgerRow, _judge, stale_ledger
 
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER_ON_ANOTHER_HOST, str(pg_db)],
@@ -171,6 +171,14 @@ def test_doctor_judges_a_run_on_another_host_by_its_lock(pg_db: Any) -> None:
         stale = LedgerRow("r0", "usage", "f0", "running", "worker-b", 1, now)
         verdict = _judge({"id": "f0", "parameters": {}}, {"f0": stale}, pg_db, "worker-a", now)
         assert verdict.alive is False and "lost its lock" in verdict.reason
+        # rows still 'running' whose flow run is over (Crashed by an automation) or that had
+        # none: the live one is left alone, the dead one is found, from another host
+        found = stale_ledger([row, stale], set(), pg_db, "worker-a")
+        who = f"session-pipeline worker-b pid {holder.pid}"
+        assert [(f.name, f.reason) for f in found] == [
+            ("r0", f"process 1 on worker-b lost its lock ({who} holds it)")
+        ]
+        assert stale_ledger([row, stale], {"f0"}, pg_db, "worker-a") == []  # still watched
         holder.kill()
         holder.wait(timeout=30)
         deadline = time.monotonic() + 30
@@ -178,6 +186,10 @@ def test_doctor_judges_a_run_on_another_host_by_its_lock(pg_db: Any) -> None:
             assert time.monotonic() < deadline, verdict.reason
             time.sleep(0.1)
         assert verdict.alive is False and "nobody holds it" in verdict.reason
+        assert [f.name for f in stale_ledger([row, stale], set(), pg_db, "worker-a")] == [
+            "r1",
+            "r0",
+        ]
     finally:
         holder.kill()
         holder.wait()
